@@ -13,7 +13,7 @@ from typing import Any, Callable, Generator, Optional
 import numpy as np
 import torch
 
-from .coords import Geometry, apply_h, resize_image, resize_map
+from .coords import Geometry, identity_map, resize_image, resize_map
 from .image import Image, ImageError, check_registrable, read_image
 from .metrics import fold_fraction
 from .methods.registry import MethodOutput, Progress, get_method
@@ -107,11 +107,19 @@ def _physical_transform(out: MethodOutput, fixed: Geometry, init: MatrixTransfor
         phys = work.phys_from_norm() @ m @ work.norm_from_phys()
         transform: Transform = Composite([MatrixTransform(phys), init])
         return transform, transform.to_field(fixed)
+    d = fixed.ndim
     phi = resize_map(out.map.detach().float().cpu(), fixed.shape)[0]  # (d, *shape) norm, fixed grid
-    norm = phi.permute(*range(1, fixed.ndim + 1), 0).reshape(-1, fixed.ndim).double().numpy()
-    moving_pts = init.moving_from_fixed(apply_h(fixed.phys_from_norm(), norm))
-    disp = moving_pts.reshape(*fixed.shape, fixed.ndim) - fixed.points_phys()
-    dense = DisplacementField(fixed, disp.astype(np.float32))
+    ident = identity_map(fixed.shape)[0]
+    # disp(x) = A phi(x) - P x with P = phys_from_norm (fixed), A = init o P; written as
+    # A_lin (phi - x) + (A - P) x so float32 never subtracts two large physical coordinates.
+    p_m = fixed.phys_from_norm()
+    a_m = init.matrix @ p_m
+    a_lin = torch.from_numpy(a_m[:d, :d].astype(np.float32))
+    diff_lin = torch.from_numpy((a_m - p_m)[:d, :d].astype(np.float32))
+    diff_t = torch.from_numpy((a_m - p_m)[:d, d].astype(np.float32))
+    disp = (torch.einsum("ij,j...->...i", a_lin, phi - ident)
+            + torch.einsum("ij,j...->...i", diff_lin, ident) + diff_t)
+    dense = DisplacementField(fixed, disp.contiguous().numpy())
     return dense, dense
 
 

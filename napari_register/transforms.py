@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .coords import Geometry, apply_h, sample
+from .coords import Geometry, apply_h, matrix_map, sample
 from .image import Image
 
 
@@ -36,6 +36,10 @@ class Transform:
 
     def to_field(self, geometry: Geometry) -> "DisplacementField":
         return DisplacementField(geometry, (self.on_grid(geometry) - geometry.points_phys()).astype(np.float32))
+
+    def as_matrix(self) -> np.ndarray | None:
+        """The homogeneous matrix of this transform, or None when it is not one (a field)."""
+        return None
 
     def then(self, other: "Transform") -> "Composite":
         """``self`` applied first to fixed points, then ``other`` (``other o self``)."""
@@ -68,6 +72,9 @@ class MatrixTransform(Transform):
     def fixed_from_moving(self, points: np.ndarray) -> np.ndarray:
         return apply_h(np.linalg.inv(self.matrix), points)
 
+    def as_matrix(self) -> np.ndarray:
+        return self.matrix
+
     def inverse(self) -> "MatrixTransform":
         return MatrixTransform(np.linalg.inv(self.matrix))
 
@@ -90,6 +97,15 @@ class Composite(Transform):
         for t in self.transforms:
             points = t.moving_from_fixed(points)
         return points
+
+    def as_matrix(self) -> np.ndarray | None:
+        out = np.eye(self.ndim + 1)
+        for t in self.transforms:
+            m = t.as_matrix()
+            if m is None:
+                return None
+            out = m @ out
+        return out
 
     def fixed_from_moving(self, points: np.ndarray) -> np.ndarray:
         for t in reversed(self.transforms):
@@ -186,18 +202,43 @@ class DisplacementField(Transform):
 
 
 def jacobian_determinant(disp: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """det(I + du/dx) of a physical displacement ``(*shape, d)`` on ``geometry`` (central differences)."""
+    """det(I + du/dx) of a physical displacement ``(*shape, d)`` on ``geometry`` (central differences,
+    one-sided at the edges; in torch with an explicit determinant: a brain takes 0.2 s, not 2 s)."""
     d = geometry.ndim
+    u = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
+    dims = tuple(range(d))
     # du_i/dvox_j, vox in array order; chain rule through vox_from_phys to get du/dphys.
-    grads = np.stack([np.stack(np.gradient(disp[..., i], axis=tuple(range(d))), -1) for i in range(d)], -2)
-    vox_from_phys = geometry.vox_from_phys()[:-1, :-1]
-    jac = grads @ vox_from_phys + np.eye(d)
-    return np.linalg.det(jac.astype(np.float64)).astype(np.float32)
+    grads = [torch.gradient(u[..., i], dim=dims) for i in range(d)]
+    vfp = torch.from_numpy(geometry.vox_from_phys()[:-1, :-1].astype(np.float32))
+    jac = [[sum(grads[i][k] * vfp[k, j] for k in range(d)) + (1.0 if i == j else 0.0) for j in range(d)]
+           for i in range(d)]
+    if d == 2:
+        det = jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+    else:
+        det = (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+               - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+               + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
+    return det.numpy().astype(np.float32)
 
 
-def _moving_norm_coords(moving: Geometry, points: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-    norm = apply_h(moving.norm_from_phys(), points.reshape(-1, moving.ndim))
-    return torch.from_numpy(norm.T.astype(np.float32)).reshape(1, moving.ndim, *shape)
+def _moving_norm_coords(transform: Transform, moving: Geometry, fixed: Geometry) -> torch.Tensor:
+    """Where every fixed voxel lands in ``moving``'s norm frame, ``(1, d, *fixed.shape)`` float32.
+
+    Matrices and a field on the fixed grid are evaluated in torch on the grid (a brain in 0.1 s);
+    anything else goes through the transform's physical points."""
+    d = fixed.ndim
+    m = transform.as_matrix()
+    if m is not None:
+        norm_m = torch.from_numpy(moving.norm_from_phys() @ m @ fixed.phys_from_norm())
+        return matrix_map(norm_m, fixed.shape).float()
+    if isinstance(transform, DisplacementField) and transform.geometry == fixed:
+        to_norm = moving.norm_from_phys()
+        base = matrix_map(torch.from_numpy(to_norm @ fixed.phys_from_norm()), fixed.shape).float()
+        disp = torch.from_numpy(np.ascontiguousarray(transform.disp, dtype=np.float32))
+        lin = torch.from_numpy(to_norm[:d, :d].astype(np.float32))
+        return base + torch.movedim(disp @ lin.T, -1, 0)[None]
+    norm = apply_h(moving.norm_from_phys(), transform.on_grid(fixed).reshape(-1, d))
+    return torch.from_numpy(norm.T.astype(np.float32)).reshape(1, d, *fixed.shape)
 
 
 def warp_image(moving: Image, transform: Transform, fixed: Geometry, *, labels: bool = False,
@@ -208,14 +249,14 @@ def warp_image(moving: Image, transform: Transform, fixed: Geometry, *, labels: 
     set. Outside the moving image the value is ``fill``."""
     if moving.ndim != fixed.ndim:
         raise ValueError(f"cannot warp a {moving.ndim}D image with a {fixed.ndim}D transform")
-    coords = _moving_norm_coords(moving.geometry, transform.on_grid(fixed), fixed.shape)
+    coords = _moving_norm_coords(transform, moving.geometry, fixed)
     arr = moving.array
     chan = arr if moving.channels else arr[..., None]
     data = torch.from_numpy(np.ascontiguousarray(np.moveaxis(chan, -1, 0)[None]).astype(np.float32))
-    ones = torch.ones_like(data[:, :1])
     # As ITK: a point within half a voxel of the edge takes the border values, beyond it ``fill``.
     out = sample(data, coords, mode="nearest" if labels else "bilinear", padding_mode="border")
-    inside = sample(ones, coords, mode="nearest", padding_mode="zeros") > 0.5
+    half = torch.tensor([0.5 / max(n - 1, 1) for n in moving.geometry.shape]).view(1, -1, *([1] * fixed.ndim))
+    inside = ((coords >= -half) & (coords <= 1 + half)).all(1, keepdim=True)
     out = torch.where(inside, out, torch.full_like(out, fill))
     res = np.moveaxis(out[0].numpy(), 0, -1)
     if not moving.channels:
