@@ -128,9 +128,13 @@ def main(args: argparse.Namespace) -> Path:
     data_seed = args.seed * 1000 + rank  # each process its own pairs
     if args.init and not state_path.exists():
         from_blob = torch.load(args.init, map_location="cpu", weights_only=True)
-        if from_blob["config"] != spec.config:
-            raise ValueError(f"--init {args.init} has config {from_blob['config']}, not {spec.config}")
-        model.load_state_dict(from_blob["state_dict"])
+        # The config may differ in settings without weights (e.g. CARL's attention_scale); the
+        # strict load checks that every weight has its place and shape.
+        try:
+            model.load_state_dict(from_blob["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"--init {args.init} (config {from_blob['config']}) does not fit the network of "
+                             f"config {spec.config}: {e}") from None
     if state_path.exists():  # resume exactly where the last save left off
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["config"] != spec.config:

@@ -6,7 +6,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from napari_register.coords import Geometry, compose, identity_map, resize_map, sample
+from napari_register.coords import (Geometry, apply_matrix, compose, identity_map, matrix_map, resize_image,
+                                   resize_map, sample)
 from napari_register.image import Image, to_sitk
 from napari_register.transforms import DisplacementField, MatrixTransform, jacobian_determinant, warp_image
 
@@ -40,6 +41,31 @@ def test_compose_translations_and_resize():
     assert torch.allclose(ab - ident, torch.tensor([0.08, -0.02]).view(1, 2, 1, 1).expand_as(ab), atol=1e-5)
     assert torch.allclose(resize_map(a, (17, 21)) - identity_map((17, 21)),
                           torch.tensor([0.1, -0.05]).view(1, 2, 1, 1).expand(1, 2, 17, 21), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 48, 36), (77, 48, 36), (20, 24, 18)])
+def test_resize_image_keeps_the_frame_and_smooths(shape):
+    # a ramp along each axis stays the same function of the norm coordinate (no half-voxel shift),
+    # away from the edge voxels, whose box averages are clamped to the grid
+    big = (160, 96, 72)
+    ident = identity_map(big)
+    small = resize_image(ident, shape)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    assert torch.allclose(small[interior], identity_map(shape)[interior], atol=1e-5)
+    # a Nyquist checkerboard averages out instead of aliasing
+    z, y, x = torch.meshgrid(*[torch.arange(n) for n in big], indexing="ij")
+    checker = ((z + y + x) % 2).float()[None, None]
+    assert (resize_image(checker, shape) - 0.5).abs().max() < 1e-5
+
+
+def test_apply_matrix_matches_the_points_and_homographies_divide():
+    m = torch.tensor([[1.1, 0.1, -0.05], [0.02, 0.9, 0.1], [0.05, -0.1, 1.0]], dtype=torch.float64)
+    pts = matrix_map(m, (5, 7)).flatten(2)[0].T  # (N, 2)
+    ident = identity_map((5, 7), dtype=torch.float64).flatten(2)[0].T
+    h = torch.cat([ident, torch.ones(len(ident), 1, dtype=torch.float64)], 1) @ m.T
+    assert torch.allclose(pts, h[:, :2] / h[:, 2:], atol=1e-12)
+    phi = identity_map((5, 7), dtype=torch.float64) + 0.01
+    assert torch.allclose(apply_matrix(torch.eye(3, dtype=torch.float64), phi), phi)
 
 
 def test_geometry_matches_sitk():
