@@ -126,6 +126,13 @@ def main(args: argparse.Namespace) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     step, history = 0, []
     data_seed = args.seed * 1000 + rank  # each process its own pairs
+    init_lineage = None
+    if args.init:  # what the run started from, for the card (its own card, when it has one)
+        init_path = Path(args.init)
+        init_card = init_path.with_suffix(".json")
+        prev = json.loads(init_card.read_text()) if init_card.exists() else {}
+        init_lineage = {"file": str(init_path), "sha256": weights.sha256(init_path),
+                        **{k: prev[k] for k in ("command", "steps", "seed", "code_version", "config") if k in prev}}
     if args.init and not state_path.exists():
         from_blob = torch.load(args.init, map_location="cpu", weights_only=True)
         # The config may differ in settings without weights (e.g. CARL's attention_scale); the
@@ -168,7 +175,7 @@ def main(args: argparse.Namespace) -> Path:
         weights.save(out, args.method, spec.config, model, {
             "dim": args.dim, "command": command, "data": spec.data, "steps": step, "seed": args.seed,
             "batch": args.batch * world, "lr": args.lr, "lr_main": args.lr_main or args.lr, "warmup": args.warmup,
-            "device": str(device), "world_size": world, "init": args.init,
+            "device": str(device), "world_size": world, "init": args.init, "init_from": init_lineage,
             "final_losses": final, "evaluation": {}, **spec.card})
 
     t0 = time.perf_counter()
