@@ -8,7 +8,7 @@ import torch
 
 from napari_register import coords, weights
 from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, TwoStep
-from napari_register.methods.carl import CARL, CARLNet, build, working_shape_for
+from napari_register.methods.carl import CARL, IO_TOKENS, CARLNet, build, io_shape_for, working_shape_for
 
 torch.set_num_threads(1)
 
@@ -177,6 +177,18 @@ def test_working_shape_for_the_oasis_pair():
     assert all(s % 4 == 0 for s in shape)
     assert 7000 < torch.tensor(shape).div(4).prod().item() < 10000  # Xi at ~20^3 tokens
     assert working_shape_for(3, (60, 64, 64), (0.4, 0.4, 0.4)) == (60, 64, 64)  # never finer than the image
+
+
+def test_instance_optimisation_grid_is_coarser_and_runs_through_the_stack():
+    work = working_shape_for(3, (144, 192, 160), (1.0, 1.0, 1.0))
+    io = io_shape_for(3, work)
+    assert all(s % 4 == 0 and s <= w for s, w in zip(io, work))
+    tokens = torch.tensor(io).div(4).prod().item()
+    assert 0.6 * IO_TOKENS[3] < tokens < 1.5 * IO_TOKENS[3]
+    assert io_shape_for(3, (16, 16, 16)) == (16, 16, 16)  # small grids are left as they are
+    net = CARLNet(3, width=4, features=8, unet_channels=(4, 4, 4, 4))
+    x = torch.rand(1, 1, *io_shape_for(3, (72, 92, 76)))
+    assert net(x, x).shape == (1, 3, *x.shape[2:])  # every Down level gets even sizes
 
 
 @pytest.mark.parametrize("dim", [2, 3])
