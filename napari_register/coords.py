@@ -180,10 +180,6 @@ def resize_image(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     shape = tuple(int(s) for s in shape)
     if tuple(image.shape[2:]) == shape:
         return image
-    n_in = [int(s) for s in image.shape[2:]]
-    # target voxel centres in input voxel units (the align_corners frame of both grids)
-    targets = [torch.linspace(0, n - 1, m, device=image.device, dtype=image.dtype) if m > 1
-               else torch.zeros(1, device=image.device, dtype=image.dtype) for n, m in zip(n_in, shape)]
     offset, step = [0.0] * d, [1.0] * d  # pooled voxel j sits at offset + step * j input voxels
     out = image
     while True:
@@ -196,7 +192,10 @@ def resize_image(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if out.shape[2:] == image.shape[2:]:
         mode = "bilinear" if d == 2 else "trilinear"
         return F.interpolate(image, size=shape, mode=mode, align_corners=True)
-    pos = [(t - o) / st for t, o, st in zip(targets, offset, step)]  # in pooled voxels
+    # target voxel centres in input voxel units (the align_corners frame of both grids), then in pooled voxels
+    targets = [torch.linspace(0, n - 1, m, device=image.device, dtype=image.dtype) if m > 1
+               else torch.zeros(1, device=image.device, dtype=image.dtype) for n, m in zip(image.shape[2:], shape)]
+    pos = [(t - o) / st for t, o, st in zip(targets, offset, step)]
     norm = torch.stack(torch.meshgrid(*[p / max(s - 1, 1) for p, s in zip(pos, out.shape[2:])],
                                       indexing="ij"), 0)[None].expand(image.shape[0], -1, *shape)
     return sample(out, norm)

@@ -55,7 +55,7 @@ class Optimize(Method):
 
     def __init__(self, dim: int, device: torch.device, checkpoint: Any = None, *,
                  similarity: str = "lncc", levels: Sequence[int] = (4, 2), iterations: Sequence[int] = (30, 8),
-                 lr: float = 0.5, smooth: float = 0.1, max_size: int | None = None, grid: int | Sequence[int] = 1,
+                 lr: float = 0.5, smooth: float = 0.1, max_size: int | None = None, grid: int = 1,
                  window: int = 5, eps: float = 1e-5, affine_iterations: int = 50, affine_size: int = 48,
                  affine_window: int = 9, sigma: float = 1.0, exp_max_gradient: float = 1.0, **options: Any) -> None:
         super().__init__(dim, device, None, **options)
@@ -83,10 +83,7 @@ class Optimize(Method):
         # exponentiated finely (<= 0.25). On the OASIS pair (2 cores): Dice 0.676, folds 0.005 %, 5.5 s;
         # exponentiating finely throughout costs 40 % more time for the same Dice.
         self.exp_max_gradient = float(exp_max_gradient)
-        # velocity control grid per level: ``grid`` times coarser than the images of that level
-        self.grid = (int(grid),) * len(self.levels) if isinstance(grid, (int, float)) else tuple(int(g) for g in grid)
-        if len(self.grid) != len(self.levels):
-            raise ValueError(f"grid {grid} needs one entry per level {self.levels}")
+        self.grid = int(grid)  # velocity control grid: ``grid`` times coarser than the images of a level
         self.max_size = max_size or (192 if dim == 3 else 1024)
 
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
@@ -144,7 +141,7 @@ class Optimize(Method):
         loss = float("nan")
         for li, (factor, iters) in enumerate(schedule):
             lshape = self._level_shape(shape, factor)
-            vshape = self._level_shape(shape, factor * self.grid[min(li, len(self.grid) - 1)])
+            vshape = self._level_shape(shape, factor * self.grid)
             fix_l, mov_l = resize_image(fixed, lshape), resize_image(moving, lshape)
             if velocity is None:
                 velocity = torch.zeros(1, d, *vshape, device=fixed.device)
