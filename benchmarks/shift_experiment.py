@@ -22,7 +22,7 @@ import torch
 from napari_register import coords, weights
 from napari_register.api import normalise
 from napari_register.image import read_image
-from napari_register.methods.carl import build
+from napari_register.methods.carl import load_net
 from napari_register.metrics import dice
 from napari_register.synth import DATA_ROOT
 
@@ -129,7 +129,7 @@ def histology_rows(nets: dict[str, torch.nn.Module], axis: int) -> list[dict]:
 
 
 def load(path: str, dim: int) -> torch.nn.Module:
-    return weights.load(weights.resolve(path, f"carl-{dim}d"), "carl", dim, build)[0]
+    return load_net(weights.resolve(path, f"carl-{dim}d"), dim)[0]
 
 
 def plot(rows3: list[dict], rows2: list[dict], names: list[str], out: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Callable, Generator, Iterable
 
 import torch
 
+from .coords import matrix_map, resize_image, sample
 from .methods.registry import Progress
 
 LossFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -80,3 +81,33 @@ def finetune_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in clone.parameters():
         p.requires_grad_(True)
     return clone
+
+
+def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                iterations: int = 50, size: int = 48, stage: str = "affine") -> Generator[Progress, None, torch.Tensor]:
+    """Affine pre-alignment of ``moving`` onto ``fixed`` (``(1, 1, *S)``), shared by every method that
+    offers one; returns the ``(d+1, d+1)`` moving_norm_from_fixed_norm matrix, about the grid centre.
+
+    It sees only the coarse shape of the images: a grid whose longest side is about ``size``."""
+    shape = tuple(fixed.shape[2:])
+    d = len(shape)
+    f = max(max(shape) / size, 1.0)
+    ashape = tuple(max(int(round(s / f)), 4) for s in shape)
+    fix_a, mov_a = resize_image(fixed, ashape), resize_image(moving, ashape)
+    theta = torch.zeros(d, d + 1, device=fixed.device, requires_grad=True)  # A - I | t
+    centre = torch.full((d,), 0.5, device=fixed.device)
+
+    def matrix() -> torch.Tensor:
+        lin = torch.eye(d, device=fixed.device) + theta[:, :d]
+        top = torch.cat([lin, (centre - lin @ centre + theta[:, d])[:, None]], dim=1)
+        bottom = torch.zeros(1, d + 1, device=fixed.device)
+        bottom[0, d] = 1.0
+        return torch.cat([top, bottom], dim=0)
+
+    def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
+        phi = matrix_map(matrix(), ashape)
+        return similarity(sample(mov_a, phi), fix_a), phi
+
+    yield from iter_optimise([theta], loss_fn, iterations, 0.01, stage=f"{stage} ({'x'.join(map(str, ashape))})",
+                             lr_end=0.001)
+    return matrix().detach()

@@ -99,6 +99,11 @@ def load(path: str | Path, method: str, dim: int, build: Callable[..., torch.nn.
     return model.to(device).eval(), blob["card"]
 
 
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The card stored inside the checkpoint ``path`` (loaded safely, weights ignored)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)["card"]
+
+
 def update_card(path: str | Path, dest: str | Path | None = None, **fields: Any) -> Path:
     """Copy the checkpoint ``path`` to ``dest`` (default: in place) with ``fields`` merged into its
     card (e.g. ``evaluation={...}`` after a benchmark); the sha256 is recomputed."""

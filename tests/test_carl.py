@@ -167,7 +167,7 @@ def test_method_runs_and_instance_optimisation_leaves_the_model_untouched(tmp_pa
     assert out.map.shape == (1, 2, 32, 32)
     assert [p.stage for p in stages].count("instance optimisation") == 3
     assert all(torch.equal(before[k], v) for k, v in method.net.state_dict().items())
-    assert any(not torch.equal(before[k], v) for k, v in out.state.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in out.state["net"].state_dict().items())
     with pytest.raises(ValueError, match="registers 2D images but the images are 3D"):
         CARL(3, torch.device("cpu"), str(path))
 
@@ -179,7 +179,7 @@ def test_working_shape_for_the_oasis_pair():
     assert working_shape_for(3, (60, 64, 64), (0.4, 0.4, 0.4)) == (60, 64, 64)  # never finer than the image
 
 
-def test_instance_optimisation_grid_is_coarser_and_runs_through_the_stack():
+def test_instance_optimisation_grid_is_no_finer_and_runs_through_the_stack():
     work = working_shape_for(3, (144, 192, 160), (1.0, 1.0, 1.0))
     io = io_shape_for(3, work)
     assert all(s % 4 == 0 and s <= w for s, w in zip(io, work))
@@ -204,3 +204,73 @@ def test_shipped_checkpoint_loads_with_its_card(dim):
     other = 5 - dim  # 2 <-> 3
     with pytest.raises(ValueError, match=f"registers {dim}D images but the images are {other}D"):
         weights.load(path, "carl", other, build)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_displacement_steps_keep_their_voxel_length_on_another_grid(dim):
+    from napari_register.methods.blocks import DisplacementNet
+
+    ref = (9,) * dim
+    net = DisplacementNet(dim, (4,), ref_shape=ref)
+    with torch.no_grad():
+        net.unet.head.bias.copy_(torch.arange(1, dim + 1, dtype=torch.float32) * 0.125)  # 1, 2, 3 voxels at n=9
+    for n in (9, 17, 33):
+        img = torch.rand(1, 1, *(n,) * dim)
+        with torch.no_grad():
+            phi = net(img, img)
+        disp_vox = (phi - coords.identity_map((n,) * dim)) * (n - 1)
+        centre = (..., *[n // 2] * dim)
+        got = disp_vox[centre].flatten().tolist()
+        assert got == pytest.approx([1.0, 2.0, 3.0][:dim], abs=1e-5), f"grid {n}: steps of {got} voxels"
+    plain = DisplacementNet(dim, (4,))  # no reference: a fixed fraction of the field of view (ICON's units)
+    with torch.no_grad():
+        plain.unet.head.bias.fill_(0.125)
+        img = torch.rand(1, 1, *(17,) * dim)
+        assert float(((plain(img, img) - coords.identity_map((17,) * dim)) * 16).mean()) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_affine_stage_recovers_a_scaling_and_the_map_includes_it(tmp_path):
+    from napari_register.instance_opt import iter_affine
+    from napari_register.losses import get_similarity
+
+    n = 40
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, n), torch.linspace(0, 1, n), indexing="ij")
+    fixed = (torch.exp(-((yy - 0.5) ** 2 / 0.04 + (xx - 0.5) ** 2 / 0.02))
+             + 0.5 * torch.exp(-((yy - 0.3) ** 2 + (xx - 0.65) ** 2) / 0.005))[None, None]
+    true = torch.tensor([[1.15, 0.0, 0.5 - 1.15 * 0.5 + 0.04], [0.0, 0.9, 0.5 - 0.9 * 0.5 - 0.03], [0, 0, 1.0]])
+    # moving sampled at true^-1 so that moving(true(x)) = fixed(x): true is moving_from_fixed
+    moving = coords.sample(fixed, coords.matrix_map(torch.linalg.inv(true), (n, n)))
+    gen = iter_affine(moving, fixed, get_similarity("mse"), iterations=150)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            m = stop.value
+            break
+    err = (coords.matrix_map(m, (n, n)) - coords.matrix_map(true, (n, n)))[..., 8:-8, 8:-8].abs().max() * (n - 1)
+    assert err < 1.0, f"affine stage off by {float(err):.2f} voxels"
+
+    config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
+    path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
+    with_affine, without = CARL(2, torch.device("cpu"), str(path)), CARL(2, torch.device("cpu"), str(path), affine_iterations=0)
+
+    def run(method, init=None, steps=0):
+        gen = method.iter_run(moving, fixed, steps, init=init)
+        stages = []
+        while True:
+            try:
+                stages.append(next(gen).stage)
+            except StopIteration as stop:
+                return stop.value, stages
+
+    out, stages = run(with_affine)
+    assert any("affine" in s for s in stages)
+    assert not any("affine" in s for s in run(without)[1])
+    # the map is affine o network, the network seeing the affinely pre-aligned moving image
+    a = out.state["affine"]
+    with torch.no_grad():
+        net_map = with_affine.net(coords.sample(moving, coords.matrix_map(a, (n, n))), fixed)
+    assert torch.allclose(out.map, coords.apply_matrix(a, net_map), atol=1e-6)
+    assert not torch.allclose(a, torch.eye(3), atol=1e-3)
+    cont, stages = run(with_affine, init=out, steps=2)  # continuing keeps the affine, does not redo it
+    assert not any("affine" in s for s in stages) and torch.equal(cont.state["affine"], out.state["affine"])

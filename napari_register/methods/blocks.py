@@ -115,18 +115,30 @@ class UNet(nn.Module):
 class DisplacementNet(nn.Module):
     """Registration net predicting a displacement: ``map = identity + UNet([moving, fixed])``.
 
-    The head starts at zero so an untrained refinement step is the identity.
+    The head starts at zero so an untrained refinement step is the identity. ``ref_shape``: the grid
+    whose norm units the head learned (its training grid). Convolutions see voxels, so a net that
+    learned "move 2 voxels" must move 2 voxels on any grid: on an ``n``-voxel axis the output is
+    scaled by ``(ref - 1) / (n - 1)``. Without it the step is a fixed fraction of the field of view,
+    too long on a finer grid (1.5x on the OASIS working grid for a net trained at 48x56x48).
     """
 
-    def __init__(self, dim: int, channels: tuple[int, ...] = (16, 32, 32, 32)) -> None:
+    def __init__(self, dim: int, channels: tuple[int, ...] = (16, 32, 32, 32),
+                 ref_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.unet = UNet(dim, 2, dim, channels)
         nn.init.zeros_(self.unet.head.weight)
         nn.init.zeros_(self.unet.head.bias)
+        if ref_shape is not None and len(ref_shape) != dim:
+            raise ValueError(f"ref_shape must have {dim} sizes, got {ref_shape}")
+        self.ref_shape = None if ref_shape is None else tuple(int(r) for r in ref_shape)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        shape = tuple(fixed.shape[2:])
         disp = self.unet(torch.cat([moving, fixed], 1))
-        return coords.identity_map(tuple(fixed.shape[2:]), fixed.device, fixed.dtype) + disp
+        if self.ref_shape is not None and self.ref_shape != shape:
+            scale = fixed.new_tensor([(r - 1) / max(n - 1, 1) for r, n in zip(self.ref_shape, shape)])
+            disp = disp * scale.view(1, -1, *([1] * len(shape)))
+        return coords.identity_map(shape, fixed.device, fixed.dtype) + disp
 
 
 class TwoStep(nn.Module):

@@ -3,8 +3,9 @@
 ``CARL = TwoStep{Down{TwoStep{Down{Xi}, Psi1}}, Psi2}``: Xi is coordinate attention at a quarter of
 the working resolution (exactly equivariant to integer translations of either image), Psi1/Psi2
 are U-Nets refining with displacements at half and full working resolution. Trained with symmetric
-LNCC plus diffusion, then GradICON; instance optimisation fine-tunes a copy with the same loss, on
-a coarser copy of the pair (about the training grid, for speed), then maps on the working grid.
+LNCC plus diffusion, then GradICON; instance optimisation fine-tunes a copy with the same loss (GradICON
+weighted less, so the pair's similarity leads), on the working grid in 3D (a coarser copy of the
+pair in 2D), then maps on the working grid.
 ``xi="unet"`` swaps Xi for a displacement U-Net: the baseline of the shift experiment.
 """
 from __future__ import annotations
@@ -18,22 +19,28 @@ import torch
 import torch.nn as nn
 
 from .. import coords, weights
-from ..instance_opt import finetune_copy, iter_optimise
+from ..instance_opt import finetune_copy, iter_affine, iter_optimise
 from .blocks import ConvEncoder, CoordAttention, DisplacementNet, Down, TwoStep
 from .registry import Method, MethodOutput, Progress, register_method
 
 # Xi runs at 1/4 of the working grid; these token counts keep a CPU forward pass at a few seconds
 # (2 cores, SDPA: 20^3 tokens 0.4 s, 24^3 1.4 s, 32^3 11 s).
 XI_TOKENS = {2: 48 * 48, 3: 20 ** 3}
-# Instance optimisation runs on a coarser copy of the pair (about the training grid's token count):
-# the weights do not depend on the grid, and a step on the full OASIS grid costs ~6x as much
-# (21.6 s against 3.6 s, measured side by side on 2 busy cores).
-IO_TOKENS = {2: 32 * 32, 3: 12 ** 3}
+# Instance optimisation runs on a copy of the pair at most this fine (the weights do not depend on
+# the grid). In 3D that is the working grid: on OASIS (IO 50, 2 idle cores) 12^3 tokens cost 1.2 s a
+# step but lost the cortex (Dice 0.629); 16^3, 2.8 s, reached 0.649 with 0.13 % folds, as the fine
+# map departs from the grid it was fitted on; the working grid, 5.7 s, 0.649 with 0.013 % folds.
+IO_TOKENS = {2: 32 * 32, 3: XI_TOKENS[3]}
 TRAIN_SHAPE = {2: (160, 160), 3: (48, 56, 48)}
 # Our diffusion is |J - I|^2 (scaled by (n-1)^2, unlike ICON's), so the warm-up weight is small;
 # a large one makes the attention collapse every voxel onto one point (J = 0 costs only 1/d).
 LAM_GRADICON, LAM_DIFFUSION = 1.5, 0.001
+# Instance optimisation weighs GradICON less than training did: at 1.5 the first steps buy inverse
+# consistency with similarity and 50 steps barely move Dice (OASIS 0.631 -> 0.638, lr 1e-4 or 5e-4);
+# at 0.3 the pair's LNCC drives the fit (0.649, folds 0.013 %; prostate pair 00->01 0.746 -> 0.841).
+IO_LAM_GRADICON = 0.3
 LNCC_WINDOW = {2: 9, 3: 7}
+AFFINE_ITERATIONS = 50
 
 
 class CARLNet(nn.Module):
@@ -41,17 +48,22 @@ class CARLNet(nn.Module):
 
     def __init__(self, dim: int, xi: str = "attention", width: int = 16, features: int = 32,
                  dilations: tuple[int, ...] = (1, 2, 4, 2, 1),
-                 unet_channels: tuple[int, ...] = (16, 32, 32, 32), attention_scale: float = 16.0) -> None:
+                 unet_channels: tuple[int, ...] = (16, 32, 32, 32), attention_scale: float = 16.0,
+                 displacement_grid: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        # displacement_grid: the training grid; each U-Net's steps keep their voxel length at any grid
+        # (see DisplacementNet), at its own level's resolution (full, 1/2, 1/4).
+        ref = (lambda k: None) if displacement_grid is None else (
+            lambda k: tuple(int(n) // 2 ** k for n in displacement_grid))
         if xi == "attention":
             first: nn.Module = CoordAttention(ConvEncoder(dim, 1, width, tuple(dilations), features),
                                               attention_scale)
         elif xi == "unet":
-            first = DisplacementNet(dim, tuple(unet_channels))
+            first = DisplacementNet(dim, tuple(unet_channels), ref(2))
         else:
             raise ValueError(f"xi must be 'attention' (CARL) or 'unet' (displacement baseline), got {xi!r}")
-        psi1 = DisplacementNet(dim, tuple(unet_channels))
-        psi2 = DisplacementNet(dim, tuple(unet_channels))
+        psi1 = DisplacementNet(dim, tuple(unet_channels), ref(1))
+        psi2 = DisplacementNet(dim, tuple(unet_channels), ref(0))
         self.net = TwoStep(Down(TwoStep(Down(first), psi1)), psi2)
         self.dim = dim
 
@@ -68,6 +80,19 @@ class CARLNet(nn.Module):
 def build(**config: Any) -> CARLNet:
     """``CARLNet(**config)``; ``config`` is what checkpoints store (``dim`` included)."""
     return CARLNet(**config)
+
+
+def load_net(path: str | Path, dim: int, device: torch.device | str = "cpu") -> tuple[CARLNet, dict[str, Any]]:
+    """A CARL checkpoint as ``(net, card)``. Checkpoints saved before ``displacement_grid`` was a
+    config key learned their steps on the training grid their card records (``data.shape``)."""
+    shape = weights.read_card(path).get("data", {}).get("shape")
+
+    def build_with_grid(**config: Any) -> CARLNet:
+        if "displacement_grid" not in config and shape is not None:
+            config = {**config, "displacement_grid": tuple(shape)}
+        return build(**config)
+
+    return weights.load(path, "carl", dim, build_with_grid, device)
 
 
 def symmetric_loss(net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reg: str = "gradicon",
@@ -125,12 +150,17 @@ class CARL(Method):
     needs_checkpoint = True
     default_io_steps = 50
     description = "CARL: coordinate attention + U-Net refinement, equivariant to translations (Greer et al.)"
-    io_lr = 1e-4
+    io_lr = 2e-4  # 1e-3 unsettled the net (lam 1.5, coarse grid: OASIS 0.606 against 0.635 at 1e-4)
 
-    def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None) -> None:
+    def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
+                 affine_iterations: int = AFFINE_ITERATIONS) -> None:
         super().__init__(dim, device, checkpoint)
+        # Attention finds translations (and is equivariant to them) but was trained on small
+        # deformations; an affine pre-alignment (the one ``optimize`` uses) takes out the global
+        # rotation and scale between subjects first. 0 skips it.
+        self.affine_iterations = int(affine_iterations)
         path = weights.resolve(checkpoint, f"carl-{dim}d")
-        self.net, self.card = weights.load(path, "carl", dim, build, device)
+        self.net, self.card = load_net(path, dim, device)
         self.checkpoint_name = path.stem if path.parent == weights.CHECKPOINT_DIR else str(path)
 
     @classmethod
@@ -140,9 +170,9 @@ class CARL(Method):
         from ..synth import PairSource
         from ..train import TrainSpec
 
-        config = {"dim": dim, **json.loads(args.config)}
-        build(**config)  # fail now on a bad config, not after loading the data
         shape = tuple(args.shape) if args.shape else TRAIN_SHAPE[dim]
+        config = {"dim": dim, "displacement_grid": list(shape), **json.loads(args.config)}
+        build(**config)  # fail now on a bad config, not after loading the data
         source = PairSource(dim, shape, args.batch, args.real_fraction, args.seed)
         lam = LAM_GRADICON if getattr(args, "lam", None) is None else args.lam
         lam_warm = LAM_DIFFUSION if getattr(args, "lam_warmup", None) is None else args.lam_warmup
@@ -175,26 +205,39 @@ class CARL(Method):
 
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
-        # Continue a previous instance optimisation (its fine-tuned copy rides in ``state``).
-        net = init.state if init is not None and isinstance(init.state, CARLNet) else self.net
+        from ..losses import get_similarity
+
+        shape = tuple(fixed.shape[2:])
+        if init is not None and isinstance(init.state, dict):  # continue a previous run on this pair
+            net, affine = init.state["net"], init.state["affine"]
+        else:
+            net, affine = self.net, None
+            if self.affine_iterations:
+                sim = get_similarity("lncc", window=9)
+                affine = yield from iter_affine(moving, fixed, sim, self.affine_iterations, stage="carl affine")
+        # The network registers the affinely pre-aligned moving image; the map is affine o network.
+        if affine is not None:
+            moving = coords.sample(moving, coords.matrix_map(affine, shape))
+        full = (lambda phi: coords.apply_matrix(affine, phi)) if affine is not None else (lambda phi: phi)
         with torch.no_grad():
             phi = net(moving, fixed)
-        yield Progress("network", 1, 1, map=phi)
+        yield Progress("network", 1, 1, map=full(phi))
         if io_steps <= 0:
-            return MethodOutput(map=phi, state=net if net is not self.net else None)
+            return MethodOutput(map=full(phi), state={"net": net, "affine": affine})
         net = finetune_copy(net)  # the shipped model is never changed in place
         reg = self.card.get("train", {}).get("reg", "gradicon")  # the training's main loss
-        lam = float(self.card.get("train", {}).get("lam", LAM_GRADICON))
+        lam = IO_LAM_GRADICON if reg == "gradicon" else float(self.card.get("train", {}).get("lam", LAM_GRADICON))
         window = int(self.card.get("train", {}).get("lncc_window", LNCC_WINDOW[self.dim]))
-        io_shape = io_shape_for(self.dim, tuple(fixed.shape[2:]))
+        io_shape = io_shape_for(self.dim, shape)
         mov_io, fix_io = coords.resize_image(moving, io_shape), coords.resize_image(fixed, io_shape)
 
         def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
             loss, phi_ab, _ = symmetric_loss(net, mov_io, fix_io, reg, lam, window)
-            return loss, phi_ab
+            return loss, full(phi_ab)
 
-        final = yield from iter_optimise(net.parameters(), loss_fn, io_steps, self.io_lr)
+        # previews every 5 steps: a step on the OASIS working grid takes ~6 s on 2 cores
+        final = yield from iter_optimise(net.parameters(), loss_fn, io_steps, self.io_lr, preview_every=5)
         net.eval()
         with torch.no_grad():
             phi = net(moving, fixed)
-        return MethodOutput(map=phi, loss=final, state=net)
+        return MethodOutput(map=full(phi), loss=final, state={"net": net, "affine": affine})

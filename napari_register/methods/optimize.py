@@ -13,8 +13,8 @@ from typing import Any, Callable, Generator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..coords import apply_matrix, compose, gaussian_blur, identity_map, matrix_map, resize_image, resize_map, sample
-from ..instance_opt import FieldAdam, iter_optimise
+from ..coords import apply_matrix, compose, gaussian_blur, identity_map, resize_image, resize_map, sample
+from ..instance_opt import FieldAdam, iter_affine, iter_optimise
 from ..losses import diffusion, get_similarity
 from .registry import Method, MethodOutput, Progress, register_method
 
@@ -93,34 +93,6 @@ class Optimize(Method):
     def _level_shape(self, shape: tuple[int, ...], factor: float) -> tuple[int, ...]:
         return tuple(max(int(round(s / factor)), 4) for s in shape)
 
-    def _affine(self, moving: torch.Tensor, fixed: torch.Tensor
-                ) -> Generator[Progress, None, torch.Tensor]:
-        """Affine pre-alignment on images twice coarser than the first level; returns the
-        ``(d+1, d+1)`` matrix in the norm frame, about the grid centre."""
-        shape = tuple(fixed.shape[2:])
-        d = len(shape)
-        # The affine sees only the coarse shape of the images: a small grid and wide windows.
-        ashape = self._level_shape(shape, max(max(shape) / self.affine_size, 1.0))
-        fix_a, mov_a = resize_image(fixed, ashape), resize_image(moving, ashape)
-        theta = torch.zeros(d, d + 1, device=fixed.device, requires_grad=True)  # A - I | t
-
-        def matrix() -> torch.Tensor:
-            m = torch.eye(d + 1, device=fixed.device)
-            centre = torch.full((d,), 0.5, device=fixed.device)
-            lin = torch.eye(d, device=fixed.device) + theta[:, :d]
-            m = m.clone()
-            m[:d, :d] = lin
-            m[:d, d] = centre - lin @ centre + theta[:, d]
-            return m
-
-        def loss_fn():
-            phi = matrix_map(matrix(), ashape)
-            return self.affine_similarity(sample(mov_a, phi), fix_a), phi
-
-        stage = f"optimize affine ({'x'.join(map(str, ashape))})"
-        yield from iter_optimise([theta], loss_fn, self.affine_iterations, 0.01, stage=stage, lr_end=0.001)
-        return matrix().detach()
-
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
         shape = tuple(fixed.shape[2:])
@@ -135,7 +107,8 @@ class Optimize(Method):
             if io_steps:
                 schedule[-1] = (schedule[-1][0], schedule[-1][1] + io_steps)
             if self.affine_iterations:
-                m = yield from self._affine(moving, fixed)
+                m = yield from iter_affine(moving, fixed, self.affine_similarity, self.affine_iterations,
+                                           self.affine_size, stage="optimize affine")
                 prior = lambda phi: apply_matrix(m, phi)  # noqa: E731
         velocity = None  # in voxel units of the current velocity grid, array-order channels
         loss = float("nan")
