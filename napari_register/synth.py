@@ -135,8 +135,9 @@ class RealVolumes:
         return sum(len(v) for v in self.groups.values())
 
     def sample(self, vol: torch.Tensor, spacing: np.ndarray, group: str, shape: tuple[int, ...],
-               gen: torch.Generator, slice_axis: int | None) -> torch.Tensor:
-        """Resample ``vol`` onto the training grid (2D: an axial/coronal/sagittal slice)."""
+               gen: torch.Generator, slice_axis: int | None, max_shift: float = 0.15) -> torch.Tensor:
+        """Resample ``vol`` onto the training grid (2D: an axial/coronal/sagittal slice), through a
+        random translation of up to ``max_shift`` (norm units), a scale jitter and a smooth warp."""
         if slice_axis is not None:  # 2D: pick a slice near the middle, keep the other two axes
             n = vol.shape[2 + slice_axis]
             idx = int(n // 2 + (torch.rand(1, generator=gen) * 2 - 1) * n * 0.15)
@@ -152,7 +153,7 @@ class RealVolumes:
         out_extent = (np.asarray(shape) - 1) * step
         scale = torch.tensor(out_extent / extent, dtype=torch.float32)
         scale = scale * float(torch.exp(0.1 * torch.randn(1, generator=gen)))
-        phi = random_map(shape, gen, max_disp=0.04, max_shift=0.15, scale=scale)
+        phi = random_map(shape, gen, max_disp=0.04, max_shift=max_shift, scale=scale)
         return coords.sample(vol, phi, padding_mode="zeros")
 
 
@@ -160,10 +161,11 @@ class PairSource:
     """Endless iterator of ``(moving, fixed)`` batches ``(batch, 1, *shape)``."""
 
     def __init__(self, dim: int, shape: tuple[int, ...], batch: int = 1, real_fraction: float = 0.5,
-                 seed: int = 0, root: Path = DATA_ROOT) -> None:
+                 seed: int = 0, root: Path = DATA_ROOT, real_shift: float = 0.15) -> None:
         if len(shape) != dim:
             raise ValueError(f"training shape {shape} is not {dim}D")
         self.dim, self.shape, self.batch = dim, tuple(shape), batch
+        self.real_shift = float(real_shift)  # per-image translation of real volumes (norm units)
         self.gen = torch.Generator().manual_seed(seed)
         self.real = RealVolumes(root) if real_fraction > 0 else None
         self.real_fraction = real_fraction if self.real is not None and len(self.real) else 0.0
@@ -172,6 +174,7 @@ class PairSource:
         groups = {} if self.real is None else {k: len(v) for k, v in self.real.groups.items()}
         return {"synthetic": "SynthMorph-style label maps", "real_fraction": self.real_fraction,
                 "real_volumes": groups, "real_files": [] if self.real is None else self.real.names, "shape": list(self.shape),
+                "real_shift": self.real_shift,
                 "excluded": {"prostate": sorted(PROSTATE_EVAL), "brain": "oasis_pair (evaluation)"}}
 
     def one(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +184,8 @@ class PairSource:
             vols = self.real.groups[group]
             i, j = torch.randint(len(vols), (2,), generator=g).tolist()
             axis = None if self.dim == 3 else int(torch.randint(3, (1,), generator=g))
-            a = self.real.sample(*vols[i], group, self.shape, g, axis)
-            b = self.real.sample(*vols[j], group, self.shape, g, axis)
+            a = self.real.sample(*vols[i], group, self.shape, g, axis, self.real_shift)
+            b = self.real.sample(*vols[j], group, self.shape, g, axis, self.real_shift)
         else:
             base = synthetic_image(self.shape, g)
             a = coords.sample(base, random_map(self.shape, g, 0.08, 0.1), padding_mode="zeros")

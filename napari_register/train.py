@@ -54,6 +54,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--real-fraction", type=float, default=0.5, help="share of pairs from real volumes")
+    p.add_argument("--real-shift", type=float, default=0.15,
+                   help="largest random translation of each real volume (norm units; smaller once an affine "
+                        "stage pre-aligns the pairs at inference)")
     p.add_argument("--warmup", type=int, default=300, help="steps with the warm-up loss (e.g. diffusion)")
     p.add_argument("--ramp", type=int, default=200,
                    help="steps over which the main regulariser weight ramps up after the warm-up")

@@ -88,6 +88,14 @@ def histology(viewer_widgets):
 
 
 @pytest.fixture
+def brain_layers(viewer_widgets):
+    """The brain pair (6x downsampled) beside whatever else is open, for the 3D pickers."""
+    viewer = viewer_widgets[0]
+    for role in ("fixed", "moving"):
+        add(viewer, downsample(read_image(sample_dir() / "brain" / f"{role}.nii.gz"), 6), f"brain_{role}")
+
+
+@pytest.fixture
 def brain(viewer_widgets):
     """3x downsampled brain pair and label maps (non-identity direction: layers carry an affine)."""
     viewer, reg, qa_w = viewer_widgets
@@ -268,6 +276,49 @@ def test_register_3d_improves_dice_then_instance_optimisation(brain, qtbot):
     assert second.parent == 1 and second.result.io_steps == 10
     assert second.layers["warped"].name == "optimize #2 warped"
     assert qa_w.table.data.to_list()[1][0] == "#2 (from #1)"
+
+
+def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histology, brain_layers, qtbot):
+    from napari_register import weights
+
+    viewer, reg, _ = histology
+    reg.method.value = "carl"
+    shipped_2d = str(weights.CHECKPOINT_DIR / "carl-2d.pt")
+    assert reg.checkpoint.choices[0] == shipped_2d  # the shipped checkpoint first, "from file..." offered
+    reg.checkpoint.value = shipped_2d
+    assert reg.io_steps.value == 50  # CARL's default; Run with 0, then continue with the button
+    reg.io_steps.value = 0
+    reg.method_options = {"affine_iterations": 20}
+    shipped = weights.sha256(weights.CHECKPOINT_DIR / "carl-2d.pt")
+    run_widget(qtbot, reg)
+    (first,) = reg.session.runs
+    assert first.layers["warped"].name == "carl #1 warped" and first.result.checkpoint == "carl-2d"
+    for role in ("warped", "grid", "jacobian", "magnitude"):
+        assert_placed_like(first.layers[role], viewer.layers["fixed"])
+
+    seen: list[tuple[str, bool]] = []
+    on_progress = reg._on_progress
+
+    def record(p):  # what the user sees while instance optimisation runs
+        on_progress(p)
+        seen.append((p.stage, any("preview" in layer.name for layer in viewer.layers)))
+    reg._on_progress = record
+    reg.io_steps.value = 10
+    run_widget(qtbot, reg, continue_run=True)
+    second = reg.session.runs[1]
+    assert second.parent == 1 and second.result.io_steps == 10 and second.result.method == "carl"
+    assert [s for s, _ in seen].count("instance optimisation") == 10
+    assert any(shown for s, shown in seen if s == "instance optimisation"), "no live preview during IO"
+    assert not any("preview" in layer.name for layer in viewer.layers)
+    assert not np.array_equal(second.layers["warped"].data, first.layers["warped"].data)
+    assert weights.sha256(weights.CHECKPOINT_DIR / "carl-2d.pt") == shipped  # the shipped model is untouched
+
+    # a 3D pair gets CARL with its 3D checkpoint
+    reg.moving.value, reg.fixed.value = viewer.layers["brain_moving"], viewer.layers["brain_fixed"]
+    assert "carl" in reg.method.choices
+    reg.method.value = "carl"
+    assert reg.checkpoint.value == str(weights.CHECKPOINT_DIR / "carl-3d.pt")
+    assert str(weights.CHECKPOINT_DIR / "carl-2d.pt") not in reg.checkpoint.choices
 
 
 def test_cancel_leaves_no_half_made_layers(brain, qtbot):

@@ -153,8 +153,12 @@ class CARL(Method):
     io_lr = 2e-4  # 1e-3 unsettled the net (lam 1.5, coarse grid: OASIS 0.606 against 0.635 at 1e-4)
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
-                 affine_iterations: int = AFFINE_ITERATIONS) -> None:
+                 affine_iterations: int = AFFINE_ITERATIONS, io_lr: float | None = None,
+                 io_lam: float | None = None, io_window: int | None = None) -> None:
         super().__init__(dim, device, checkpoint)
+        # instance-optimisation settings (None: the defaults below / the checkpoint's training ones)
+        self.io_lr = self.io_lr if io_lr is None else float(io_lr)
+        self.io_lam, self.io_window = io_lam, io_window
         # Attention finds translations (and is equivariant to them) but was trained on small
         # deformations; an affine pre-alignment (the one ``optimize`` uses) takes out the global
         # rotation and scale between subjects first. 0 skips it.
@@ -173,7 +177,8 @@ class CARL(Method):
         shape = tuple(args.shape) if args.shape else TRAIN_SHAPE[dim]
         config = {"dim": dim, "displacement_grid": list(shape), **json.loads(args.config)}
         build(**config)  # fail now on a bad config, not after loading the data
-        source = PairSource(dim, shape, args.batch, args.real_fraction, args.seed)
+        source = PairSource(dim, shape, args.batch, args.real_fraction, args.seed,
+                            real_shift=getattr(args, "real_shift", 0.15))
         lam = LAM_GRADICON if getattr(args, "lam", None) is None else args.lam
         lam_warm = LAM_DIFFUSION if getattr(args, "lam_warmup", None) is None else args.lam_warmup
         main_reg = getattr(args, "reg", None) or "gradicon"
@@ -227,7 +232,9 @@ class CARL(Method):
         net = finetune_copy(net)  # the shipped model is never changed in place
         reg = self.card.get("train", {}).get("reg", "gradicon")  # the training's main loss
         lam = IO_LAM_GRADICON if reg == "gradicon" else float(self.card.get("train", {}).get("lam", LAM_GRADICON))
+        lam = lam if self.io_lam is None else float(self.io_lam)
         window = int(self.card.get("train", {}).get("lncc_window", LNCC_WINDOW[self.dim]))
+        window = window if self.io_window is None else int(self.io_window)
         io_shape = io_shape_for(self.dim, shape)
         mov_io, fix_io = coords.resize_image(moving, io_shape), coords.resize_image(fixed, io_shape)
 
