@@ -59,8 +59,9 @@ OURS = {
     "optimize": ours("optimize", label="ours: optimize (LNCC)", modalities=("mono", "multi")),
     "optimize_mind": ours("optimize", options={"similarity": "mind"}, label="ours: optimize (MIND)",
                           modalities=("multi",)),
-    "carl": ours("carl", label="ours: CARL"),
-    # 3D only: 50 fine-tuning steps on a full OASIS working grid take ~10 min on 2 loaded cores.
+    "carl": ours("carl", label="ours: CARL (affine + network)"),
+    "carl_noaffine": ours("carl", options={"affine_iterations": 0}, label="ours: CARL network alone"),
+    # 3D only: 50 fine-tuning steps on a full OASIS working grid take ~5-10 min on 2 cores.
     "carl_io": ours("carl", io_steps=50, label="ours: CARL + IO 50", dims=(3,)),
 }
 QUICK_PEERS = ("identity", "sitk_demons", "elastix_bspline", "elastix_affine_bspline", "opencv_sift")
