@@ -74,10 +74,13 @@ def save(path: str | Path, method: str, config: dict[str, Any], model: torch.nn.
 
 
 def load(path: str | Path, method: str, dim: int, build: Callable[..., torch.nn.Module],
-         device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+         device: torch.device | str = "cpu",
+         upgrade: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+         ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a checkpoint of ``method`` for ``dim``-D images; returns ``(model in eval mode, card)``.
 
-    Refuses a file whose checksum, method or dimensionality does not match.
+    Refuses a file whose checksum, method or dimensionality does not match. ``upgrade(config, card)``
+    returns the config to build with, for checkpoints saved before a config key existed.
     """
     path = Path(path)
     card_path = path.with_suffix(".json")
@@ -94,14 +97,10 @@ def load(path: str | Path, method: str, dim: int, build: Callable[..., torch.nn.
     if ckpt_dim != dim:
         raise ValueError(f"checkpoint {path.name} registers {ckpt_dim}D images but the images are {dim}D; "
                          f"pick a {dim}D checkpoint (e.g. {method}-{dim}d)")
-    model = build(**blob["config"])
+    config = blob["config"] if upgrade is None else upgrade(dict(blob["config"]), blob["card"])
+    model = build(**config)
     model.load_state_dict(blob["state_dict"], strict=True)
     return model.to(device).eval(), blob["card"]
-
-
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The card stored inside the checkpoint ``path`` (loaded safely, weights ignored)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)["card"]
 
 
 def update_card(path: str | Path, dest: str | Path | None = None, **fields: Any) -> Path:

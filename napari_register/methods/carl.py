@@ -88,14 +88,13 @@ def build(**config: Any) -> CARLNet:
 def load_net(path: str | Path, dim: int, device: torch.device | str = "cpu") -> tuple[CARLNet, dict[str, Any]]:
     """A CARL checkpoint as ``(net, card)``. Checkpoints saved before ``displacement_grid`` was a
     config key learned their steps on the training grid their card records (``data.shape``)."""
-    shape = weights.read_card(path).get("data", {}).get("shape")
-
-    def build_with_grid(**config: Any) -> CARLNet:
+    def upgrade(config: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+        shape = card.get("data", {}).get("shape")
         if "displacement_grid" not in config and shape is not None:
-            config = {**config, "displacement_grid": tuple(shape)}
-        return build(**config)
+            config["displacement_grid"] = tuple(shape)
+        return config
 
-    return weights.load(path, "carl", dim, build_with_grid, device)
+    return weights.load(path, "carl", dim, build, device, upgrade=upgrade)
 
 
 def symmetric_loss(net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reg: str = "gradicon",
@@ -162,9 +161,8 @@ class CARL(Method):
         # instance-optimisation settings (None: the defaults below / the checkpoint's training ones)
         self.io_lr = self.io_lr if io_lr is None else float(io_lr)
         self.io_lam, self.io_window = io_lam, io_window
-        # Attention finds translations (and is equivariant to them) but was trained on small
-        # deformations; an affine pre-alignment (the one ``optimize`` uses) takes out the global
-        # rotation and scale between subjects first. 0 skips it.
+        # An affine pre-alignment (the one ``optimize`` uses) takes out the global rotation and scale
+        # between subjects, which attention (equivariant to translations only) does not model. 0 skips it.
         self.affine_iterations = int(affine_iterations)
         path = weights.resolve(checkpoint, f"carl-{dim}d")
         self.net, self.card = load_net(path, dim, device)
@@ -245,7 +243,7 @@ class CARL(Method):
             loss, phi_ab, _ = symmetric_loss(net, mov_io, fix_io, reg, lam, window)
             return loss, full(phi_ab)
 
-        # previews every 5 steps: a step on the OASIS working grid takes ~6 s on 2 cores
+        # previews every 5 steps: a step on the OASIS working grid takes 6-9 s on 2 cores
         final = yield from iter_optimise(net.parameters(), loss_fn, io_steps, self.io_lr, preview_every=5)
         net.eval()
         with torch.no_grad():
