@@ -31,14 +31,14 @@ def trace(case, method: str, io_steps: int, options: dict | None, checkpoint: st
                             options=options)
     rows, t0 = [], time.perf_counter()
 
-    def score(stage: str, step: int, out: MethodOutput) -> dict:
+    def score(stage: str, step: int, out: MethodOutput, loss: float | None = None) -> dict:
         shape = tuple(out.map.shape[2:])
         _, dense = api._physical_transform(out, fix.geometry, init_tx, shape)
         tx = dense.to_sitk()
         warped = [sitk.GetArrayFromImage(sitk.Resample(lab, pair.fixed, tx, sitk.sitkNearestNeighbor, 0))
                   for lab in pair.moving_labels]
         row = {"case": case.name, "stage": stage, "step": step, "elapsed_s": round(time.perf_counter() - t0, 1),
-               "fold_fraction": metrics.fold_fraction(dense.jacobian())}
+               "fold_fraction": metrics.fold_fraction(dense.jacobian()), "loss": loss}
         row.update({k: v for k, v in evaluate(pair, warped or None, None).items() if isinstance(v, (int, float))})
         return row
 
@@ -49,7 +49,7 @@ def trace(case, method: str, io_steps: int, options: dict | None, checkpoint: st
             result = stop.value
             break
         if p.map is not None:
-            rows.append(score(p.stage, p.step, MethodOutput(map=p.map)))
+            rows.append(score(p.stage, p.step, MethodOutput(map=p.map), p.loss))
             print(json.dumps(rows[-1]), flush=True)
     rows.append(score("final", io_steps, result.output))
     print(json.dumps(rows[-1]), flush=True)

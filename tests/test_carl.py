@@ -172,6 +172,30 @@ def test_method_runs_and_instance_optimisation_leaves_the_model_untouched(tmp_pa
         CARL(3, torch.device("cpu"), str(path))
 
 
+def test_instance_optimisation_lowers_the_pair_loss_with_the_default_schedule(tmp_path):
+    # the default IO rate starts high and decays (io_lr -> io_lr_end); the pair's loss must still fall
+    torch.manual_seed(0)
+    config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
+    path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
+    method = CARL(2, torch.device("cpu"), str(path), affine_iterations=0)
+    assert method.io_lr_end is not None and method.io_lr_end < method.io_lr
+    moving = _blob_image(32, 2, 6, 24, 8).float()
+    fixed = torch.roll(moving, (2, 3), dims=(2, 3))
+    gen = method.iter_run(moving, fixed, io_steps=20)
+    losses = []
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration:
+            break
+        if p.stage == "instance optimisation":
+            losses.append(p.loss)
+    assert len(losses) == 20 and losses[-1] < 0.95 * losses[0]
+    assert CARL(2, torch.device("cpu"), str(path), io_lr=1e-5).io_lr_end == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="io_lr_end"):
+        CARL(2, torch.device("cpu"), str(path), io_lr=1e-4, io_lr_end=1e-3)
+
+
 def test_working_shape_for_the_oasis_pair():
     shape = working_shape_for(3, (144, 192, 160), (1.0, 1.0, 1.0))
     assert all(s % 4 == 0 for s in shape)
