@@ -150,20 +150,23 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
         weights.resolve("nope", "carl-2d")
 
 
+def _drain(gen):
+    """All Progress items of a method's ``iter_run`` and its returned output."""
+    stages = []
+    while True:
+        try:
+            stages.append(next(gen))
+        except StopIteration as stop:
+            return stages, stop.value
+
+
 def test_method_runs_and_instance_optimisation_leaves_the_model_untouched(tmp_path):
     config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
     path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
     method = CARL(2, torch.device("cpu"), str(path))
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
     moving, fixed = _blob_image(32, 2, 6, 26, 8).float(), _blob_image(32, 2, 6, 26, 9).float()
-    gen = method.iter_run(moving, fixed, io_steps=3)
-    stages = []
-    while True:
-        try:
-            stages.append(next(gen))
-        except StopIteration as stop:
-            out = stop.value
-            break
+    stages, out = _drain(method.iter_run(moving, fixed, io_steps=3))
     assert out.map.shape == (1, 2, 32, 32)
     assert [p.stage for p in stages].count("instance optimisation") == 3
     assert all(torch.equal(before[k], v) for k, v in method.net.state_dict().items())
@@ -181,15 +184,8 @@ def test_instance_optimisation_lowers_the_pair_loss_with_the_default_schedule(tm
     assert method.io_lr_end is not None and method.io_lr_end < method.io_lr
     moving = _blob_image(32, 2, 6, 24, 8).float()
     fixed = torch.roll(moving, (2, 3), dims=(2, 3))
-    gen = method.iter_run(moving, fixed, io_steps=20)
-    losses = []
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration:
-            break
-        if p.stage == "instance optimisation":
-            losses.append(p.loss)
+    stages, _ = _drain(method.iter_run(moving, fixed, io_steps=20))
+    losses = [p.loss for p in stages if p.stage == "instance optimisation"]
     assert len(losses) == 20 and losses[-1] < 0.95 * losses[0]
     assert CARL(2, torch.device("cpu"), str(path), io_lr=1e-5).io_lr_end == pytest.approx(1e-6)
     with pytest.raises(ValueError, match="io_lr_end"):
@@ -264,13 +260,7 @@ def test_affine_stage_recovers_a_scaling_and_the_map_includes_it(tmp_path):
     true = torch.tensor([[1.15, 0.0, 0.5 - 1.15 * 0.5 + 0.04], [0.0, 0.9, 0.5 - 0.9 * 0.5 - 0.03], [0, 0, 1.0]])
     # moving sampled at true^-1 so that moving(true(x)) = fixed(x): true is moving_from_fixed
     moving = coords.sample(fixed, coords.matrix_map(torch.linalg.inv(true), (n, n)))
-    gen = iter_affine(moving, fixed, get_similarity("mse"), iterations=150)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            m = stop.value
-            break
+    _, m = _drain(iter_affine(moving, fixed, get_similarity("mse"), iterations=150))
     err = (coords.matrix_map(m, (n, n)) - coords.matrix_map(true, (n, n)))[..., 8:-8, 8:-8].abs().max() * (n - 1)
     assert err < 1.0, f"affine stage off by {float(err):.2f} voxels"
 
@@ -279,13 +269,8 @@ def test_affine_stage_recovers_a_scaling_and_the_map_includes_it(tmp_path):
     with_affine, without = CARL(2, torch.device("cpu"), str(path)), CARL(2, torch.device("cpu"), str(path), affine_iterations=0)
 
     def run(method, init=None, steps=0):
-        gen = method.iter_run(moving, fixed, steps, init=init)
-        stages = []
-        while True:
-            try:
-                stages.append(next(gen).stage)
-            except StopIteration as stop:
-                return stop.value, stages
+        stages, out = _drain(method.iter_run(moving, fixed, steps, init=init))
+        return out, [p.stage for p in stages]
 
     out, stages = run(with_affine)
     assert any("affine" in s for s in stages)

@@ -28,9 +28,10 @@ from .registry import Method, MethodOutput, Progress, register_method
 # (2 cores, SDPA: 20^3 tokens 0.4 s, 24^3 1.4 s, 32^3 11 s).
 XI_TOKENS = {2: 48 * 48, 3: 20 ** 3}
 # Instance optimisation runs on a copy of the pair at most this fine (the weights do not depend on
-# the grid). In 3D that is the working grid: on OASIS (IO 50, 2 idle cores, before the affine stage) 12^3 tokens cost 1.2 s a
-# step but lost the cortex (Dice 0.629); 16^3, 2.8 s, reached 0.649 with 0.13 % folds, as the fine
-# map departs from the grid it was fitted on; the working grid, 5.7 s, 0.649 with 0.013 % folds.
+# the grid). In 3D that is the working grid: on OASIS (IO 50, 2 idle cores, before the affine
+# stage) 12^3 tokens cost 1.2 s a step but lost the cortex (Dice 0.629); 16^3, 2.8 s, reached 0.649
+# with 0.13 % folds, as the fine map departs from the grid it was fitted on; the working grid,
+# 5.7 s, 0.649 with 0.013 % folds.
 IO_TOKENS = {2: 32 * 32, 3: XI_TOKENS[3]}
 TRAIN_SHAPE = {2: (160, 160), 3: (48, 56, 48)}
 # Our diffusion is |J - I|^2 (scaled by (n-1)^2, unlike ICON's), so the warm-up weight is small;
@@ -41,7 +42,7 @@ LAM_GRADICON, LAM_DIFFUSION = 1.5, 0.001
 # at 0.3 the pair's LNCC drives the fit (0.649, folds 0.013 %; prostate pair 00->01 0.746 -> 0.841).
 IO_LAM_GRADICON = 0.3
 LNCC_WINDOW = {2: 9, 3: 7}
-# On by default: on the five prostate pairs it lifts CARL 0.534 -> 0.654 (+ IO 50: 0.739); on the
+# On by default: on the five prostate pairs it lifts CARL 0.534 -> 0.654 (+ IO 50: 0.764); on the
 # already aligned OASIS pair it costs 0.002 (0.641 -> 0.639).
 AFFINE_ITERATIONS = 50
 
@@ -156,7 +157,8 @@ class CARL(Method):
     # stage's alignment, so IO has far to go in 50 steps. IO 50 traces (benchmarks/io_trace.py):
     # constant 2e-4 is slow (prostate 0.739; pair 12->14 still rising at 100 steps), constant 1e-3
     # oscillates (OASIS 0.639); 8e-4 -> 8e-5 reaches prostate 0.764 (folds <= 0.06 %), OASIS 0.641.
-    io_lr, io_lr_end = 8e-4, 8e-5
+    io_lr = 8e-4
+    io_lr_decay = 0.1  # io_lr_end defaults to this fraction of io_lr
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
                  affine_iterations: int = AFFINE_ITERATIONS, io_lr: float | None = None,
@@ -164,11 +166,9 @@ class CARL(Method):
                  io_lr_end: float | None = None) -> None:
         super().__init__(dim, device, checkpoint)
         # instance-optimisation settings (None: the defaults below / the checkpoint's training ones)
-        decay = type(self).io_lr_end / type(self).io_lr
         self.io_lr = self.io_lr if io_lr is None else float(io_lr)
         self.io_lam, self.io_window = io_lam, io_window
-        # linear decay to io_lr_end; by default the same fraction of io_lr as the defaults' (1/10)
-        self.io_lr_end = self.io_lr * decay if io_lr_end is None else float(io_lr_end)
+        self.io_lr_end = self.io_lr * self.io_lr_decay if io_lr_end is None else float(io_lr_end)
         if not 0 < self.io_lr_end <= self.io_lr:
             raise ValueError(f"io_lr_end must be in (0, io_lr = {self.io_lr:g}], got {self.io_lr_end:g}; "
                              "set it equal to io_lr for a constant rate")
@@ -256,7 +256,7 @@ class CARL(Method):
 
         # previews every 5 steps: a step on the OASIS working grid takes 6-9 s on 2 cores
         final = yield from iter_optimise(net.parameters(), loss_fn, io_steps, self.io_lr, preview_every=5,
-                                     lr_end=self.io_lr_end)
+                                         lr_end=self.io_lr_end)
         net.eval()
         with torch.no_grad():
             phi = net(moving, fixed)
