@@ -278,7 +278,8 @@ def test_register_3d_improves_dice_then_instance_optimisation(brain, qtbot):
     assert qa_w.table.data.to_list()[1][0] == "#2 (from #1)"
 
 
-def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histology, brain_layers, qtbot):
+def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histology, brain_layers, qtbot,
+                                                                          monkeypatch, tmp_path):
     from napari_register import weights
 
     viewer, reg, _ = histology
@@ -318,7 +319,15 @@ def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histo
     assert "carl" in reg.method.choices
     reg.method.value = "carl"
     assert reg.checkpoint.value == str(weights.CHECKPOINT_DIR / "carl-3d.pt")
-    assert str(weights.CHECKPOINT_DIR / "carl-2d.pt") not in reg.checkpoint.choices
+    # in the order a fresh widget shows them: shipped first, "from file..." last
+    assert list(reg.checkpoint.choices) == [str(weights.CHECKPOINT_DIR / "carl-3d.pt"), "from file..."]
+    # a checkpoint picked from a file joins the list before "from file..." and is selected
+    from qtpy.QtWidgets import QFileDialog
+    mine = str(tmp_path / "mine.pt")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (mine, "")))
+    reg.checkpoint.value = "from file..."
+    assert list(reg.checkpoint.choices) == [str(weights.CHECKPOINT_DIR / "carl-3d.pt"), mine, "from file..."]
+    assert reg.checkpoint.value == mine
 
 
 def test_cancel_leaves_no_half_made_layers(brain, qtbot):

@@ -155,8 +155,16 @@ class RegisterWidget(Container):
         self._on_method_changed()
         self._check()
 
-    def _on_method_changed(self, *_: Any) -> None:
+    def _refresh_checkpoints(self) -> None:
         self.checkpoint.reset_choices()
+        if list(self.checkpoint.choices) != [value for _, value in self._checkpoint_choices()]:
+            # magicgui keeps the items that stay and appends new ones, which would list a new
+            # checkpoint after "from file..." (carl-2d -> carl-3d, a file picked): rebuild in order.
+            self.checkpoint.choices = []
+            self.checkpoint.choices = self._checkpoint_choices
+
+    def _on_method_changed(self, *_: Any) -> None:
+        self._refresh_checkpoints()
         if self.method.value is not None and self.method.value != self._method_shown:
             self._method_shown = self.method.value  # only a new method resets the steps to its default
             self.io_steps.value = get_method(self.method.value).default_io_steps
@@ -169,10 +177,10 @@ class RegisterWidget(Container):
         path, _ = QFileDialog.getOpenFileName(self.native, "Checkpoint", "", "PyTorch checkpoint (*.pt *.pth)")
         if path:
             self._extra_checkpoints.append(path)
-            self.checkpoint.reset_choices()
+            self._refresh_checkpoints()
             self.checkpoint.value = path
         else:
-            self.checkpoint.reset_choices()
+            self._refresh_checkpoints()
 
     def _check(self) -> Optional[str]:
         """Why Run cannot start now (also shown in the status line), or None."""
