@@ -7,7 +7,11 @@ histology pair Ki67 -> CD31 (landmark TRE). Both images are zero-padded by the l
 the shift axis so no content leaves the grid; the fixed image (and its labels/landmarks) is then
 rolled by the shift. Writes ``shift_experiment.{md,json,png}`` next to this file.
 
-    python benchmarks/shift_experiment.py --baseline-3d runs/carl/unet-3d.pt --baseline-2d runs/carl/unet-2d.pt
+    python benchmarks/shift_experiment.py --also-3d "CARL shipped=carl-3d"
+
+The compared networks are kept in ``benchmarks/shift_nets`` with their cards (training commands):
+in 3D CARL and the U-Net baseline after the same 650 steps (the shipped ``carl-3d`` trained 3000
+more, ``--also-3d`` adds it); in 2D the shipped ``carl-2d`` and a U-Net trained by its recipe.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from napari_register.metrics import dice
 from napari_register.synth import DATA_ROOT
 
 HERE = Path(__file__).parent
+NETS = HERE / "shift_nets"
 SHIFTS = (0, 10, 20, 30, 40)
 OASIS = DATA_ROOT / "brain3d/oasis_pair"
 HISTO = DATA_ROOT / "histology2d/29-041-Izd2-w35-{}-les1"
@@ -132,6 +137,19 @@ def load(path: str, dim: int) -> torch.nn.Module:
     return load_net(weights.resolve(path, f"carl-{dim}d"), dim)[0]
 
 
+def networks(dim: int, carl: str, baseline: str, also: list[str]) -> dict[str, torch.nn.Module]:
+    """The compared networks by column label: CARL, the U-Net baseline, then ``LABEL=CHECKPOINT``s.
+    The labels carry the training steps of each (from its card): the comparison is only fair at equal steps."""
+    def labelled(name: str, path: str) -> tuple[str, torch.nn.Module]:
+        net, card = load_net(weights.resolve(path, f"carl-{dim}d"), dim)
+        steps = card.get("steps", 0) + (card.get("init_from") or {}).get("steps", 0)
+        return f"{name} ({steps} steps)", net
+
+    pairs = [labelled("CARL", carl), labelled("U-Net baseline", baseline),
+             *(labelled(*a.split("=", 1)) for a in also)]
+    return dict(pairs)
+
+
 def plot(rows3: list[dict], rows2: list[dict], names: list[str], out: Path) -> None:
     import matplotlib
 
@@ -144,7 +162,7 @@ def plot(rows3: list[dict], rows2: list[dict], names: list[str], out: Path) -> N
         if not rows:
             ax.set_visible(False)
             continue
-        for name in names:
+        for name in (n for n in names if n in rows[0]):
             ax.plot([r["shift"] for r in rows], [r[name] for r in rows], "o-", label=name)
         if "identity" in rows[0]:
             ax.plot([r["shift"] for r in rows], [r["identity"] for r in rows], "k--", label="no registration")
@@ -159,7 +177,7 @@ def plot(rows3: list[dict], rows2: list[dict], names: list[str], out: Path) -> N
 def table(rows: list[dict], names: list[str], metric: str) -> list[str]:
     cols = names + (["identity"] if rows and "identity" in rows[0] else [])
     header = [("no registration" if c == "identity" else c) for c in cols]
-    lines = [f"| shift | {' | '.join(header)} | forward s ({names[0]}) |", "|" + "---|" * (len(cols) + 2)]
+    lines = [f"| shift | {' | '.join(header)} | forward s, first column |", "|" + "---|" * (len(cols) + 2)]
     for r in rows:
         vals = " | ".join(f"{r[n]:.3f}" if metric == "Dice" else f"{r[n]:.1f}" for n in cols)
         lines.append(f"| {r['shift']} | {vals} | {r[names[0] + '_seconds']:.2f} |")
@@ -188,40 +206,46 @@ def grid_sweep(net: torch.nn.Module, factors: tuple[float, ...] = (2.5, 2.0, 1.6
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--carl-3d", default="carl-3d")
+    p.add_argument("--carl-3d", default=str(NETS / "carl-3d-650.pt"))
     p.add_argument("--carl-2d", default="carl-2d")
-    p.add_argument("--baseline-3d", default="runs/carl/unet-3d.pt")
-    p.add_argument("--baseline-2d", default="runs/carl/unet-2d.pt")
+    p.add_argument("--baseline-3d", default=str(NETS / "unet-3d-650.pt"))
+    p.add_argument("--baseline-2d", default=str(NETS / "unet-2d.pt"))
+    p.add_argument("--also-3d", nargs="*", default=[], metavar="LABEL=CHECKPOINT",
+                   help="more CARL-family networks as extra columns (e.g. the shipped carl-3d)")
+    p.add_argument("--also-2d", nargs="*", default=[], metavar="LABEL=CHECKPOINT")
     p.add_argument("--axis-3d", type=int, default=2, help="array axis to shift along (2 = x, left-right)")
     p.add_argument("--axis-2d", type=int, default=1, help="array axis to shift along (1 = columns)")
     p.add_argument("--skip-2d", action="store_true")
     p.add_argument("--skip-3d", action="store_true")
-    p.add_argument("--grid-sweep", action="store_true", help="also: CARL 3D at several working grids")
+    p.add_argument("--grid-sweep", action="store_true", help="also: the shipped carl-3d at several working grids")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "shift_experiment"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    names = ["CARL", "U-Net baseline"]
-    rows3 = [] if args.skip_3d else oasis_rows(
-        {"CARL": load(args.carl_3d, 3), "U-Net baseline": load(args.baseline_3d, 3)}, args.axis_3d)
-    rows2 = [] if args.skip_2d else histology_rows(
-        {"CARL": load(args.carl_2d, 2), "U-Net baseline": load(args.baseline_2d, 2)}, args.axis_2d)
-    sweep = grid_sweep(load(args.carl_3d, 3)) if args.grid_sweep else []
+    nets3 = {} if args.skip_3d else networks(3, args.carl_3d, args.baseline_3d, args.also_3d)
+    nets2 = {} if args.skip_2d else networks(2, args.carl_2d, args.baseline_2d, args.also_2d)
+    rows3 = oasis_rows(nets3, args.axis_3d) if nets3 else []
+    rows2 = histology_rows(nets2, args.axis_2d) if nets2 else []
+    sweep = grid_sweep(load("carl-3d", 3)) if args.grid_sweep else []
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"oasis": rows3, "histology": rows2, "grid_sweep": sweep},
                                                    indent=2) + "\n")
-    plot(rows3, rows2, names, out.with_suffix(".png"))
+    plot(rows3, rows2, list({**nets3, **nets2}), out.with_suffix(".png"))
     lines = ["# Shift experiment", "", f"Fixed image translated along array axis {args.axis_3d} (3D) / "
-             f"{args.axis_2d} (2D); both images zero-padded by {max(SHIFTS)}.", "",
-             "## OASIS pair, mean tissue Dice (labels 1, 2)", "", *table(rows3, names, "Dice")]
-    for name in names if rows3 else []:
-        drop = rows3[0][name] - min(r[name] for r in rows3)
-        lines.append(f"\n{name}: largest drop from the unshifted Dice {100 * drop:.1f} points")
+             f"{args.axis_2d} (2D); both images zero-padded by {max(SHIFTS)}."]
+    if rows3:
+        lines += ["", "## OASIS pair, mean tissue Dice (labels 1, 2)", "", *table(rows3, list(nets3), "Dice")]
+        for name in nets3:
+            drop = rows3[0][name] - min(r[name] for r in rows3)
+            lines.append(f"\n{name}: largest drop from the unshifted Dice {100 * drop:.1f} points")
     if rows2:
         lines += ["", f"## Histology {HISTO_MOVING} -> {HISTO_FIXED}, mean landmark TRE (original px)", "",
-                  *table(rows2, names, "TRE")]
+                  *table(rows2, list(nets2), "TRE")]
+        for name in nets2:
+            rise = max(r[name] for r in rows2) - rows2[0][name]
+            lines.append(f"\n{name}: largest rise from the unshifted TRE {rise:.1f} px")
     if sweep:
-        lines += ["", "## CARL 3D at other working grids (OASIS, unshifted, no padding)", "",
+        lines += ["", "## Shipped carl-3d at other working grids (OASIS, unshifted, no padding)", "",
                   "| voxel mm | working shape | Xi tokens | Dice | forward s |", "|---|---|---|---|---|"]
         lines += [f"| {r['voxel_mm']} | {r['working_shape']} | {r['xi_tokens']} | {r['dice']:.3f} | "
                   f"{r['forward_s']:.2f} |" for r in sweep]
