@@ -7,11 +7,13 @@ histology pair Ki67 -> CD31 (landmark TRE). Both images are zero-padded by the l
 the shift axis so no content leaves the grid; the fixed image (and its labels/landmarks) is then
 rolled by the shift. Writes ``shift_experiment.{md,json,png}`` next to this file.
 
-    python benchmarks/shift_experiment.py --also-3d "CARL shipped=carl-3d"
+    python benchmarks/shift_experiment.py --grid-sweep --also-3d "carl-3d shipped=carl-3d" \
+        "U-Net baseline=benchmarks/shift_nets/unet-3d-3650.pt"
 
 The compared networks are kept in ``benchmarks/shift_nets`` with their cards (training commands):
-in 3D CARL and the U-Net baseline after the same 650 steps (the shipped ``carl-3d`` trained 3000
-more, ``--also-3d`` adds it); in 2D the shipped ``carl-2d`` and a U-Net trained by its recipe.
+in 3D CARL and the U-Net baseline after the same 650 steps, and the U-Net trained on by the
+shipped ``carl-3d``'s 3000-step second phase (``--also-3d`` adds both); in 2D the shipped
+``carl-2d`` and a U-Net trained by its recipe.
 """
 from __future__ import annotations
 

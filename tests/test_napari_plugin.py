@@ -334,17 +334,21 @@ def test_cancel_leaves_no_half_made_layers(brain, qtbot):
     viewer, reg, _ = brain
     reg.method_options = {"levels": [2], "iterations": [5000]}  # would run for minutes
     names = [layer.name for layer in viewer.layers]
+    steps: list[int] = []
+    on_progress = reg._on_progress
+
+    def record(p):
+        steps.append(p.step)
+        on_progress(p)
+    reg._on_progress = record
     reg.run()
     qtbot.waitUntil(lambda: "step 12/" in reg.status.value, timeout=WAIT_MS)  # past the first preview
     assert any("preview" in layer.name for layer in viewer.layers)
-    import time
-
-    start = time.perf_counter()
     reg.cancel_button.clicked.emit()
-    qtbot.waitUntil(lambda: not reg.running, timeout=30_000)
-    # cancel is polled at every step (~0.1 s here); the bound is loose for a loaded CI machine and
-    # still far below the 5000 steps the run would take
-    assert time.perf_counter() - start < 5.0
+    qtbot.waitUntil(lambda: not reg.running, timeout=60_000)
+    # cancel is polled at every step: the run stops long before its 5000 steps (counted in steps,
+    # not seconds, so a loaded machine cannot fail it)
+    assert max(steps) < 1000
     assert [layer.name for layer in viewer.layers] == names
     assert reg.session.runs == [] and "cancelled" in reg.status.value
     assert reg.run_button.enabled
