@@ -135,15 +135,16 @@ def histology_rows(nets: dict[str, torch.nn.Module], axis: int) -> list[dict]:
     return rows
 
 
-def load(path: str, dim: int) -> torch.nn.Module:
-    return load_net(weights.resolve(path, f"carl-{dim}d"), dim)[0]
+def load(path: str, dim: int) -> tuple[torch.nn.Module, dict]:
+    """``(net, card)`` of a CARL-family checkpoint: a shipped name or a file."""
+    return load_net(weights.resolve(path, f"carl-{dim}d"), dim)
 
 
 def networks(dim: int, carl: str, baseline: str, also: list[str]) -> dict[str, torch.nn.Module]:
     """The compared networks by column label: CARL, the U-Net baseline, then ``LABEL=CHECKPOINT``s.
     The labels carry the training steps of each (from its card): the comparison is only fair at equal steps."""
     def labelled(name: str, path: str) -> tuple[str, torch.nn.Module]:
-        net, card = load_net(weights.resolve(path, f"carl-{dim}d"), dim)
+        net, card = load(path, dim)
         steps = card.get("steps", 0) + (card.get("init_from") or {}).get("steps", 0)
         return f"{name} ({steps} steps)", net
 
@@ -228,7 +229,7 @@ def main() -> None:
     nets2 = {} if args.skip_2d else networks(2, args.carl_2d, args.baseline_2d, args.also_2d)
     rows3 = oasis_rows(nets3, args.axis_3d) if nets3 else []
     rows2 = histology_rows(nets2, args.axis_2d) if nets2 else []
-    sweep = grid_sweep(load("carl-3d", 3)) if args.grid_sweep else []
+    sweep = grid_sweep(load("carl-3d", 3)[0]) if args.grid_sweep else []
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"oasis": rows3, "histology": rows2, "grid_sweep": sweep},
                                                    indent=2) + "\n")
