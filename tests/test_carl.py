@@ -8,7 +8,8 @@ import torch
 
 from napari_register import coords, weights
 from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, TwoStep
-from napari_register.methods.carl import CARL, IO_TOKENS, CARLNet, build, io_shape_for, working_shape_for
+from napari_register.methods.carl import (CARL, IO_TOKENS, LNCC_WINDOW, CARLNet, build, io_shape_for,
+                                           symmetric_loss, working_shape_for)
 
 torch.set_num_threads(1)
 
@@ -190,6 +191,25 @@ def test_instance_optimisation_lowers_the_pair_loss_with_the_default_schedule(tm
     assert CARL(2, torch.device("cpu"), str(path), io_lr=1e-5).io_lr_end == pytest.approx(1e-6)
     with pytest.raises(ValueError, match="io_lr_end"):
         CARL(2, torch.device("cpu"), str(path), io_lr=1e-4, io_lr_end=1e-3)
+
+
+def test_instance_optimisation_regulariser_option(tmp_path):
+    # io_reg swaps the IO regulariser; the first reported loss is the symmetric loss with it
+    torch.manual_seed(0)
+    config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
+    path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
+    moving = _blob_image(32, 2, 6, 24, 8).float()
+    fixed = torch.roll(moving, (2, 3), dims=(2, 3))
+    first = {}
+    for reg, lam in (("diffusion", 0.7), ("gradicon", 0.7)):
+        method = CARL(2, torch.device("cpu"), str(path), affine_iterations=0, io_reg=reg, io_lam=lam)
+        stages, _ = _drain(method.iter_run(moving, fixed, io_steps=1))
+        first[reg] = [p.loss for p in stages if p.stage == "instance optimisation"][0]
+        expected, _, _ = symmetric_loss(method.net, moving, fixed, reg, lam, LNCC_WINDOW[2])
+        assert first[reg] == pytest.approx(float(expected), rel=1e-5)
+    assert first["diffusion"] != pytest.approx(first["gradicon"], rel=1e-3)
+    with pytest.raises(ValueError, match="io_reg must be 'gradicon' or 'diffusion'"):
+        CARL(2, torch.device("cpu"), str(path), io_reg="bending")
 
 
 def test_working_shape_for_the_oasis_pair():
