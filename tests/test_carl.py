@@ -219,6 +219,19 @@ def test_working_shape_for_the_oasis_pair():
     assert working_shape_for(3, (60, 64, 64), (0.4, 0.4, 0.4)) == (60, 64, 64)  # never finer than the image
 
 
+def test_token_budget_option_sets_the_working_grid(tmp_path):
+    config = {"dim": 3, "width": 4, "features": 8, "unet_channels": [4, 8]}
+    path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 3})
+    cpu = torch.device("cpu")
+    small = CARL(3, cpu, str(path), tokens=12 ** 3).working_shape((144, 192, 160), (1.0, 1.0, 1.0))
+    default = CARL(3, cpu, str(path)).working_shape((144, 192, 160), (1.0, 1.0, 1.0))
+    assert default == working_shape_for(3, (144, 192, 160), (1.0, 1.0, 1.0))
+    assert 1400 < torch.tensor(small).div(4).prod().item() < 2100  # ~12^3 tokens at Xi's quarter grid
+    assert all(s % 4 == 0 for s in small) and all(a < b for a, b in zip(small, default))
+    with pytest.raises(ValueError, match="tokens must be at least 8"):
+        CARL(3, cpu, str(path), tokens=4)
+
+
 def test_instance_optimisation_grid_is_no_finer_and_runs_through_the_stack():
     work = working_shape_for(3, (144, 192, 160), (1.0, 1.0, 1.0))
     io = io_shape_for(3, work)

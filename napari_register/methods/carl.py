@@ -126,12 +126,13 @@ def symmetric_loss(net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, re
     return loss, phi_ab, {"sim": float(sim.detach()), "reg": float(penalty.detach())}
 
 
-def working_shape_for(dim: int, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
-    """Isotropic grid over the image's physical extent with about ``XI_TOKENS`` tokens at Xi's
-    quarter resolution, sizes divisible by 4, never finer than the image (rounded up to 4)."""
+def working_shape_for(dim: int, shape: tuple[int, ...], spacing_xyz: tuple[float, ...],
+                      tokens: int | None = None) -> tuple[int, ...]:
+    """Isotropic grid over the image's physical extent with about ``tokens`` (default ``XI_TOKENS``)
+    tokens at Xi's quarter resolution, sizes divisible by 4, never finer than the image (rounded up to 4)."""
     spacing = [float(s) for s in spacing_xyz][::-1]  # array order
     extent = [n * s for n, s in zip(shape, spacing)]
-    voxels = XI_TOKENS[dim] * 4 ** dim
+    voxels = (XI_TOKENS[dim] if tokens is None else tokens) * 4 ** dim
     step = (math.prod(extent) / voxels) ** (1 / dim)
     out = []
     for n, e in zip(shape, extent):
@@ -166,8 +167,13 @@ class CARL(Method):
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
                  affine_iterations: int = AFFINE_ITERATIONS, io_lr: float | None = None,
                  io_lam: float | None = None, io_window: int | None = None,
-                 io_lr_end: float | None = None, io_reg: str | None = None) -> None:
+                 io_lr_end: float | None = None, io_reg: str | None = None, tokens: int | None = None) -> None:
         super().__init__(dim, device, checkpoint)
+        # Xi's token budget, which sets the working grid (the weights do not depend on it)
+        self.tokens = XI_TOKENS[dim] if tokens is None else int(tokens)
+        if self.tokens < 2 ** dim:
+            raise ValueError(f"tokens must be at least {2 ** dim} (Xi's grid is the working grid / 4), "
+                             f"got {tokens}")
         # instance-optimisation settings (None: the defaults below / the checkpoint's training ones)
         self.io_lr = self.io_lr if io_lr is None else float(io_lr)
         self.io_lam, self.io_window = io_lam, io_window
@@ -224,7 +230,7 @@ class CARL(Method):
         return TrainSpec(config, build, loss, pairs, source.describe(), {"train": train})
 
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
-        return working_shape_for(self.dim, shape, spacing_xyz)
+        return working_shape_for(self.dim, shape, spacing_xyz, self.tokens)
 
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:

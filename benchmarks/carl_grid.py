@@ -1,0 +1,74 @@
+"""Does a CARL network trained on a small grid gain from running on a larger one?
+
+Attention and convolutions do not depend on the grid size, so a checkpoint trained at one size runs
+at any. This sweeps Xi's token budget (the ``tokens`` option, which sets the working grid: Xi runs at
+a quarter of it) and scores each size through the shared harness, with the affine stage (the
+default pipeline) and without IO. The smallest budget is the training grid's.
+
+    python -m benchmarks.carl_grid --tasks oasis prostate --tokens3d 2016 4096 8000 13824
+    python -m benchmarks.carl_grid --tasks histology --tokens2d 1600 2304 4096
+
+Writes ``carl_grid.json`` and ``carl_grid.md`` (next to this file unless ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import peers
+from benchmarks.run import METRIC, ours
+from benchmarks.tasks import cases, load
+
+
+def sweep(tasks: list[str], tokens: dict[int, list[int]]) -> list[dict]:
+    rows = []
+    for task in tasks:
+        for case in cases(task):
+            pair = load(case)
+            for n in tokens[case.dim]:
+                name = f"carl_tokens{n}"
+                peers.RUNNERS[name] = ours("carl", options={"tokens": n}, label=f"CARL, {n} tokens")
+                row = peers.run_peer(name, pair)
+                row = {k: v for k, v in row.items() if k not in ("transform", "warped_labels", "mapped_points")}
+                row.update(task=task, tokens=n, dim=case.dim)
+                rows.append(row)
+                print(json.dumps({k: row.get(k) for k in ("case", "tokens", "dice", "tre", "fold_fraction",
+                                                          "seconds")}, default=str), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | Xi tokens (working grid / 4) | metric | folds | s per case |", "|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        metric, _ = METRIC[task]
+        for n in dict.fromkeys(r["tokens"] for r in rows if r["task"] == task):
+            sel = [r for r in rows if r["task"] == task and r["tokens"] == n]
+            side = round(n ** (1 / sel[0]["dim"]), 1)
+            vals = [r[metric] for r in sel if r.get(metric) is not None]
+            folds = [r["fold_fraction"] for r in sel if r.get("fold_fraction") is not None]
+            lines.append(f"| {task} | {n} (~{side:g}^d) | {metric} {np.mean(vals):.3f} | "
+                         f"{100 * np.mean(folds):.3f} % | {np.mean([r['seconds'] for r in sel]):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=["oasis", "prostate"])
+    ap.add_argument("--tokens3d", type=int, nargs="+", default=[12 * 14 * 12, 16 ** 3, 20 ** 3, 24 ** 3])
+    ap.add_argument("--tokens2d", type=int, nargs="+", default=[40 ** 2, 48 ** 2, 64 ** 2])
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("carl_grid"))
+    args = ap.parse_args()
+    rows = sweep(args.tasks, {3: args.tokens3d, 2: args.tokens2d})
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=lambda o: float(o) if isinstance(
+        o, np.floating) else str(o)))
+    md = table(rows)
+    args.out.with_suffix(".md").write_text(f"# CARL at other grid sizes\n\n`python -m benchmarks.carl_grid "
+                                           f"--tasks {' '.join(args.tasks)}`\n\n{md}\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
