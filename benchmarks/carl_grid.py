@@ -6,7 +6,7 @@ a quarter of it) and scores each size through the shared harness, with the affin
 default pipeline) and without IO. The smallest budget is the training grid's.
 
     python -m benchmarks.carl_grid --tasks oasis prostate --tokens3d 2016 4096 8000 13824
-    python -m benchmarks.carl_grid --tasks histology --tokens2d 1600 2304 4096
+    python -m benchmarks.carl_grid --tasks histology photos --tokens2d 1024 1600 2304 4096
 
 Writes ``carl_grid.json`` and ``carl_grid.md`` (next to this file unless ``--out``).
 """
@@ -23,19 +23,34 @@ from benchmarks.run import METRIC, ours
 from benchmarks.tasks import cases, load
 
 
-def sweep(tasks: list[str], tokens: dict[int, list[int]]) -> list[dict]:
+def _pairs(task: str):
+    """``(task label, dim, pair, score)`` for each case; ``score(row)`` adds photo MACE."""
+    if task == "photos":
+        from benchmarks import photos
+        from benchmarks.run import _photo_pair, _score_photo
+
+        for variant in ("clean", "degraded"):
+            for pc in photos.cases(variant):
+                yield f"photos_{variant}", 2, _photo_pair(pc), (lambda row, pc=pc: _score_photo(row, pc))
+        return
+    for case in cases(task):
+        yield task, case.dim, load(case), (lambda row: None)
+
+
+def sweep(tasks: list[str], tokens: dict[int, list[int]], checkpoint: str | None = None) -> list[dict]:
     rows = []
     for task in tasks:
-        for case in cases(task):
-            pair = load(case)
-            for n in tokens[case.dim]:
+        for label, dim, pair, score in _pairs(task):
+            for n in tokens[dim]:
                 name = f"carl_tokens{n}"
-                peers.RUNNERS[name] = ours("carl", options={"tokens": n}, label=f"CARL, {n} tokens")
+                peers.RUNNERS[name] = ours("carl", options={"tokens": n}, label=f"CARL, {n} tokens",
+                                             checkpoint=checkpoint)
                 row = peers.run_peer(name, pair)
+                score(row)
                 row = {k: v for k, v in row.items() if k not in ("transform", "warped_labels", "mapped_points")}
-                row.update(task=task, tokens=n, dim=case.dim)
+                row.update(task=label, tokens=n, dim=dim)
                 rows.append(row)
-                print(json.dumps({k: row.get(k) for k in ("case", "tokens", "dice", "tre", "fold_fraction",
+                print(json.dumps({k: row.get(k) for k in ("case", "tokens", "dice", "tre", "mace", "fold_fraction",
                                                           "seconds")}, default=str), flush=True)
     return rows
 
@@ -58,10 +73,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["oasis", "prostate"])
     ap.add_argument("--tokens3d", type=int, nargs="+", default=[12 * 14 * 12, 16 ** 3, 20 ** 3, 24 ** 3])
-    ap.add_argument("--tokens2d", type=int, nargs="+", default=[40 ** 2, 48 ** 2, 64 ** 2])
+    ap.add_argument("--tokens2d", type=int, nargs="+", default=[32 ** 2, 40 ** 2, 48 ** 2, 64 ** 2])
+    ap.add_argument("--checkpoint", help="CARL checkpoint (default: the shipped one for the dimension)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("carl_grid"))
     args = ap.parse_args()
-    rows = sweep(args.tasks, {3: args.tokens3d, 2: args.tokens2d})
+    rows = sweep(args.tasks, {3: args.tokens3d, 2: args.tokens2d}, args.checkpoint)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=lambda o: float(o) if isinstance(
         o, np.floating) else str(o)))
     md = table(rows)

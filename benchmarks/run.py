@@ -41,7 +41,8 @@ def _warm_ours() -> None:
 
 
 def ours(method: str, io_steps: int = 0, options: Optional[dict] = None, label: str = "",
-         dims: tuple[int, ...] = (2, 3), modalities: tuple[str, ...] = ("mono",)) -> peers.Peer:
+         dims: tuple[int, ...] = (2, 3), modalities: tuple[str, ...] = ("mono",),
+         checkpoint: Optional[str] = None) -> peers.Peer:
     """A harness runner for one of our methods (``api.register`` -> ITK displacement field)."""
 
     def run(pair: Pair):
@@ -49,7 +50,7 @@ def ours(method: str, io_steps: int = 0, options: Optional[dict] = None, label: 
         from napari_register.image import from_sitk
 
         res = register(from_sitk(pair.moving), from_sitk(pair.fixed), method=method, io_steps=io_steps,
-                       options=options, device=DEVICE)
+                       options=options, device=DEVICE, checkpoint=checkpoint)
         return res.field.to_sitk()
 
     return peers.Peer(run=run, dims=dims, modalities=modalities, label=label or method, warm=_warm_ours)
