@@ -28,8 +28,8 @@ TRAIN_SHAPE = {2: (160, 160), 3: (48, 56, 48)}
 # Xi runs at 1/4 of the working grid, which puts an image at the scale the net was trained at: 3D
 # brains at 2 mm (a CPU forward pass of a few seconds: SDPA 20^3 tokens 0.4 s, 24^3 1.4 s, 32^3
 # 11 s), 2D images filling the 160^2 training grid as its slices did. benchmarks/carl_grid.py: OASIS
-# Dice 0.624 / 0.635 / 0.639 / 0.639 at 12.6^3 / 16^3 / 20^3 / 24^3 tokens; 2D histology TRE 181 px
-# at 40^2 against 233 at 48^2 (the previous default), photos MACE 51.0 against 64.5.
+# Dice 0.624 / 0.635 / 0.639 / 0.639 at 12.6^3 / 16^3 / 20^3 / 24^3 tokens; 2D histology TRE 35.9 px
+# at 40^2 against 48.0 at 48^2 (the previous default), photos MACE 28.9 against 36.5.
 XI_TOKENS = {2: (TRAIN_SHAPE[2][0] // 4) * (TRAIN_SHAPE[2][1] // 4), 3: 20 ** 3}
 # Instance optimisation runs on a copy of the pair at most this fine (the weights do not depend on
 # the grid). In 3D that is the working grid: on OASIS (IO 50, 2 idle cores, before the affine
