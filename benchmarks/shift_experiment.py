@@ -8,12 +8,13 @@ the shift axis so no content leaves the grid; the fixed image (and its labels/la
 rolled by the shift. Writes ``shift_experiment.{md,json,png}`` next to this file.
 
     python benchmarks/shift_experiment.py --grid-sweep --also-3d "carl-3d shipped=carl-3d" \
-        "U-Net baseline=benchmarks/shift_nets/unet-3d-3650.pt"
+        "U-Net baseline=benchmarks/shift_nets/unet-3d-3650.pt" "CARL wide=benchmarks/shift_nets/carl-3d-wide-650.pt"
 
 The compared networks are kept in ``benchmarks/shift_nets`` with their cards (training commands):
 in 3D CARL and the U-Net baseline after the same 650 steps, and the U-Net trained on by the
-shipped ``carl-3d``'s 3000-step second phase (``--also-3d`` adds both); in 2D the shipped
-``carl-2d`` and a U-Net trained by its recipe.
+shipped ``carl-3d``'s 3000-step second phase (``--also-3d`` adds both), and a 650-step CARL with the
+wider encoder and attention scale 64 of ``carl-2d``; in 2D the shipped ``carl-2d`` and a U-Net
+trained by its recipe.
 """
 from __future__ import annotations
 
