@@ -3,7 +3,8 @@
 Attention and convolutions do not depend on the grid size, so a checkpoint trained at one size runs
 at any. This sweeps Xi's token budget (the ``tokens`` option, which sets the working grid: Xi runs at
 a quarter of it) and scores each size through the shared harness, with the affine stage (the
-default pipeline) and without IO. The smallest budget is the training grid's.
+default pipeline) and without IO. The 3D list starts at the training grid's token count (12x14x12);
+the 2D one holds the training grid (40^2) and one coarser grid.
 
     python -m benchmarks.carl_grid --tasks oasis prostate --tokens3d 2016 4096 8000 13824
     python -m benchmarks.carl_grid --tasks histology photos --tokens2d 1024 1600 2304 4096
