@@ -43,10 +43,9 @@ LAM_GRADICON, LAM_DIFFUSION = 1.5, 0.001
 # Instance optimisation weighs GradICON less than training did: at 1.5 the first steps buy inverse
 # consistency with similarity and 50 steps barely move Dice (OASIS 0.631 -> 0.638, lr 1e-4 or 5e-4);
 # at 0.3 the pair's LNCC drives the fit (0.649, folds 0.013 %; prostate pair 00->01 0.746 -> 0.841).
-IO_LAM_GRADICON = 0.3
 # ``io_reg="diffusion"`` on a GradICON-trained net: on OASIS (IO 50) weight 0.1 gave Dice 0.648 with
 # 0.41 % folds, 0.5 gave 0.643 with 0.11 % (GradICON 0.3: 0.641, 0.007 %).
-IO_LAM_DIFFUSION = 0.5
+IO_LAM = {"gradicon": 0.3, "diffusion": 0.5}
 LNCC_WINDOW = {2: 9, 3: 7}
 # On by default: on the five prostate pairs it lifts CARL 0.534 -> 0.654 (+ IO 50: 0.764); on the
 # already aligned OASIS pair it costs 0.002 (0.641 -> 0.639).
@@ -180,7 +179,7 @@ class CARL(Method):
         # instance-optimisation settings (None: the defaults below / the checkpoint's training ones)
         self.io_lr = self.io_lr if io_lr is None else float(io_lr)
         self.io_lam, self.io_window = io_lam, io_window
-        if io_reg not in (None, "gradicon", "diffusion"):
+        if io_reg not in (None, *IO_LAM):
             raise ValueError(f"io_reg must be 'gradicon' or 'diffusion', got {io_reg!r}")
         self.io_reg = io_reg
         self.io_lr_end = self.io_lr * self.io_lr_decay if io_lr_end is None else float(io_lr_end)
@@ -259,14 +258,9 @@ class CARL(Method):
         net = finetune_copy(net)  # the shipped model is never changed in place
         train = self.card.get("train", {})
         reg = self.io_reg or train.get("reg", "gradicon")  # default: the training's main loss
-        if self.io_lam is not None:
-            lam = float(self.io_lam)
-        elif reg == "gradicon":
-            lam = IO_LAM_GRADICON
-        elif train.get("reg") == reg:
-            lam = float(train.get("lam", IO_LAM_DIFFUSION))
-        else:
-            lam = IO_LAM_DIFFUSION
+        # a diffusion-trained net (carl-2d) keeps its training weight; GradICON is weighed less (above)
+        keep = reg == "diffusion" and train.get("reg") == reg and "lam" in train
+        lam = float(self.io_lam if self.io_lam is not None else train["lam"] if keep else IO_LAM[reg])
         window = int(train.get("lncc_window", LNCC_WINDOW[self.dim]))
         window = window if self.io_window is None else int(self.io_window)
         io_shape = io_shape_for(self.dim, shape)
