@@ -158,6 +158,17 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return inner + disp
 
 
+def symmetrise(phi_ab: torch.Tensor, phi_ba: torch.Tensor) -> torch.Tensor:
+    """The mean of ``phi_ab`` and ``phi_ba``'s inverse, to first order: ``phi_ab - (phi_ba o phi_ab - id) / 2``.
+
+    ``phi_ab`` maps fixed to moving, ``phi_ba`` (on the moving grid) maps back. A bias both directions
+    share (a net that moves an image registered to itself) cancels: ``phi_ab = phi_ba = id + b`` gives
+    ``id + O(b grad b)``. Translations of either image commute with it, so it keeps equivariance.
+    """
+    ident = identity_map(tuple(phi_ab.shape[2:]), phi_ab.device, phi_ab.dtype)
+    return phi_ab - 0.5 * (compose(phi_ba, phi_ab) - ident)
+
+
 def resize_map(phi: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Resample a map to another grid of the same extent (corner voxels kept)."""
     if tuple(phi.shape[2:]) == tuple(shape):

@@ -127,6 +127,52 @@ def test_down_runs_inner_at_half_resolution_in_the_same_frame():
     assert (half - expected)[..., 1:-1, :].abs().max().item() < 1e-6
 
 
+def test_symmetrise_keeps_an_inverse_pair_and_cancels_a_shared_bias():
+    n = 24
+    ident = coords.identity_map((n, n), dtype=torch.float64)
+    t = torch.tensor([1.5, -2.0], dtype=torch.float64).view(1, 2, 1, 1) / (n - 1)
+    # an exact inverse pair (two translations) comes back unchanged
+    assert torch.allclose(coords.symmetrise(ident + t, ident - t), ident + t, atol=1e-12)
+    # a bias both directions share (as an untrained net moves an image registered to itself) cancels
+    # to first order: a 0.8-voxel smooth bias leaves under 0.05 voxels
+    y, x = ident[:, 0:1], ident[:, 1:2]
+    bias = 0.8 / (n - 1) * torch.cat([torch.sin(3 * x), torch.cos(2 * y)], 1)
+    out = coords.symmetrise(ident + bias, ident + bias)
+    assert (bias.abs().max() * (n - 1)).item() > 0.5
+    assert ((out - ident).abs().max() * (n - 1)).item() < 0.05
+    # ... while a real motion stays: a translation under the bias is kept to first order
+    out = coords.symmetrise(ident + t + bias, coords.compose(ident + bias, ident - t))
+    assert ((out - ident - t)[..., 4:-4, 4:-4].abs().max() * (n - 1)).item() < 0.1
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_symmetrised_coordinate_attention_stays_equivariant_to_moving_translation(dim):
+    n, lo, hi = 20, 7, 13
+    xi = _sharp_xi(dim)
+    fixed, moving = _blob_image(n, dim, lo, hi, seed=2), _blob_image(n, dim, lo, hi, seed=3)
+    shift = (2, -1, 1)[:dim]
+    moved = torch.roll(moving, shift, dims=tuple(range(2, 2 + dim)))
+    with torch.no_grad():
+        phi = coords.symmetrise(xi(moving, fixed), xi(fixed, moving))
+        phi_shifted = coords.symmetrise(xi(moved, fixed), xi(fixed, moved))
+    expected = phi + torch.tensor(shift, dtype=phi.dtype).view(1, dim, *[1] * dim) / (n - 1)
+    inside = (..., *[slice(lo, hi)] * dim)
+    err_vox = (phi_shifted - expected)[inside].abs().max().item() * (n - 1)
+    assert err_vox < 1e-3, f"moving shifted by {shift}: the symmetrised map moved wrongly ({err_vox} voxels)"
+
+
+def test_symmetric_option_defaults_from_the_card_and_keeps_an_image_registered_to_itself_in_place():
+    cpu = torch.device("cpu")
+    assert CARL(2, cpu).symmetric and not CARL(3, cpu).symmetric  # diffusion-trained / GradICON-trained
+    img = torch.nn.functional.avg_pool2d(_blob_image(256, 2, 40, 216, 4).float(), 4, 1, 1)[..., :64, :64]
+    moved = {}
+    for symmetric in (False, True):
+        method = CARL(2, cpu, affine_iterations=0, symmetric=symmetric)
+        _, out = _drain(method.iter_run(img, img, io_steps=0))
+        moved[symmetric] = ((out.map - coords.identity_map((64, 64))) * 63).norm(dim=1).mean().item()
+    assert moved[True] < 0.5 * moved[False], moved
+
+
 def test_checkpoint_roundtrip_and_refusals(tmp_path):
     config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
     net = build(**config)
@@ -299,7 +345,9 @@ def test_affine_stage_recovers_a_scaling_and_the_map_includes_it(tmp_path):
 
     config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
     path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
-    with_affine, without = CARL(2, torch.device("cpu"), str(path)), CARL(2, torch.device("cpu"), str(path), affine_iterations=0)
+    # symmetric=False: the map checked below is the net's own, not its symmetrised mean
+    with_affine = CARL(2, torch.device("cpu"), str(path), symmetric=False)
+    without = CARL(2, torch.device("cpu"), str(path), affine_iterations=0)
 
     def run(method, init=None, steps=0):
         stages, out = _drain(method.iter_run(moving, fixed, steps, init=init))
