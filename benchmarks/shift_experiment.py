@@ -8,7 +8,7 @@ the shift axis so no content leaves the grid; the fixed image (and its labels/la
 rolled by the shift. Writes ``shift_experiment.{md,json,png}`` next to this file.
 
     python benchmarks/shift_experiment.py --grid-sweep --also-3d "carl-3d shipped=carl-3d" \
-        "U-Net baseline=benchmarks/shift_nets/unet-3d-3650.pt" "CARL wide=benchmarks/shift_nets/carl-3d-wide-650.pt"
+        "U-Net baseline=benchmarks/shift_nets/unet-3d-3650.pt" "CARL wide=benchmarks/shift_nets/carl-3d-wide-650.pt" --symmetrised-2d
 
 The compared networks are kept in ``benchmarks/shift_nets`` with their cards (training commands):
 in 3D CARL and the U-Net baseline after the same 650 steps, and the U-Net trained on by the
@@ -29,6 +29,7 @@ import torch
 from napari_register import coords, weights
 from napari_register.api import normalise
 from napari_register.image import read_image
+from napari_register.methods.blocks import Symmetrised
 from napari_register.methods.carl import load_net
 from napari_register.metrics import dice
 from napari_register.synth import DATA_ROOT
@@ -141,8 +142,10 @@ def load(path: str, dim: int) -> tuple[torch.nn.Module, dict]:
     return load_net(weights.resolve(path, f"carl-{dim}d"), dim)
 
 
-def networks(dim: int, carl: str, baseline: str, also: list[str]) -> dict[str, torch.nn.Module]:
-    """The compared networks by column label: CARL, the U-Net baseline, then ``LABEL=CHECKPOINT``s.
+def networks(dim: int, carl: str, baseline: str, also: list[str], symmetrised: bool = False
+             ) -> dict[str, torch.nn.Module]:
+    """The compared networks by column label: CARL, the U-Net baseline, then ``LABEL=CHECKPOINT``s,
+    then (``symmetrised``) CARL as the pipeline runs a net trained without GradICON (blocks.Symmetrised).
     The labels carry the training steps of each (from its card): the comparison is only fair at equal steps."""
     def labelled(name: str, path: str) -> tuple[str, torch.nn.Module]:
         net, card = load(path, dim)
@@ -151,6 +154,9 @@ def networks(dim: int, carl: str, baseline: str, also: list[str]) -> dict[str, t
 
     pairs = [labelled("CARL", carl), labelled("U-Net baseline", baseline),
              *(labelled(*a.split("=", 1)) for a in also)]
+    if symmetrised:
+        name, net = pairs[0]
+        pairs.append((f"{name} symmetrised", Symmetrised(net)))
     return dict(pairs)
 
 
@@ -217,6 +223,8 @@ def main() -> None:
     p.add_argument("--also-3d", nargs="*", default=[], metavar="LABEL=CHECKPOINT",
                    help="more CARL-family networks as extra columns (e.g. the shipped carl-3d)")
     p.add_argument("--also-2d", nargs="*", default=[], metavar="LABEL=CHECKPOINT")
+    p.add_argument("--symmetrised-2d", action="store_true",
+                   help="also: the 2D CARL symmetrised, as the pipeline runs carl-2d")
     p.add_argument("--axis-3d", type=int, default=2, help="array axis to shift along (2 = x, left-right)")
     p.add_argument("--axis-2d", type=int, default=1, help="array axis to shift along (1 = columns)")
     p.add_argument("--skip-2d", action="store_true")
@@ -227,7 +235,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     nets3 = {} if args.skip_3d else networks(3, args.carl_3d, args.baseline_3d, args.also_3d)
-    nets2 = {} if args.skip_2d else networks(2, args.carl_2d, args.baseline_2d, args.also_2d)
+    nets2 = {} if args.skip_2d else networks(2, args.carl_2d, args.baseline_2d, args.also_2d, args.symmetrised_2d)
     rows3 = oasis_rows(nets3, args.axis_3d) if nets3 else []
     rows2 = histology_rows(nets2, args.axis_2d) if nets2 else []
     sweep = grid_sweep(load("carl-3d", 3)[0]) if args.grid_sweep else []

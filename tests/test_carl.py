@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_register import coords, weights
-from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, TwoStep
+from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, Symmetrised, TwoStep
 from napari_register.methods.carl import (CARL, IO_TOKENS, LNCC_WINDOW, CARLNet, build, io_shape_for,
                                            symmetric_loss, working_shape_for)
 
@@ -153,8 +153,8 @@ def test_symmetrised_coordinate_attention_stays_equivariant_to_moving_translatio
     shift = (2, -1, 1)[:dim]
     moved = torch.roll(moving, shift, dims=tuple(range(2, 2 + dim)))
     with torch.no_grad():
-        phi = coords.symmetrise(xi(moving, fixed), xi(fixed, moving))
-        phi_shifted = coords.symmetrise(xi(moved, fixed), xi(fixed, moved))
+        phi = Symmetrised(xi)(moving, fixed)
+        phi_shifted = Symmetrised(xi)(moved, fixed)
     expected = phi + torch.tensor(shift, dtype=phi.dtype).view(1, dim, *[1] * dim) / (n - 1)
     inside = (..., *[slice(lo, hi)] * dim)
     err_vox = (phi_shifted - expected)[inside].abs().max().item() * (n - 1)

@@ -156,6 +156,18 @@ class TwoStep(nn.Module):
         return coords.compose(phi1, phi2)
 
 
+class Symmetrised(nn.Module):
+    """``net`` run both ways and its map symmetrised (:func:`coords.symmetrise`): the mean of
+    ``net(moving, fixed)`` and the inverse of ``net(fixed, moving)``, to first order."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return coords.symmetrise(self.net(moving, fixed), self.net(fixed, moving))
+
+
 def half_resolution(image: torch.Tensor) -> torch.Tensor:
     """``(B, C, *S) -> (B, C, *S/2)``: [1, 2, 1]/4 blur per axis, then resampling that keeps the corner
     voxel centres, so the norm frame is unchanged (a plain 2x average pool would shift it by a

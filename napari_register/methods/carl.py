@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .. import coords, weights
 from ..instance_opt import finetune_copy, iter_affine, iter_optimise
-from .blocks import ConvEncoder, CoordAttention, DisplacementNet, Down, TwoStep
+from .blocks import ConvEncoder, CoordAttention, DisplacementNet, Down, Symmetrised, TwoStep
 from .registry import Method, MethodOutput, Progress, register_method
 
 TRAIN_SHAPE = {2: (160, 160), 3: (48, 56, 48)}
@@ -242,8 +242,7 @@ class CARL(Method):
         return working_shape_for(self.dim, shape, spacing_xyz, self.tokens)
 
     def _map(self, net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        phi = net(moving, fixed)
-        return coords.symmetrise(phi, net(fixed, moving)) if self.symmetric else phi
+        return (Symmetrised(net) if self.symmetric else net)(moving, fixed)
 
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
