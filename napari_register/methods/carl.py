@@ -28,8 +28,8 @@ TRAIN_SHAPE = {2: (160, 160), 3: (48, 56, 48)}
 # Xi runs at 1/4 of the working grid, which puts an image at the scale the net was trained at: 3D
 # brains at 2 mm (a CPU forward pass of a few seconds: SDPA 20^3 tokens 0.4 s, 24^3 1.4 s, 32^3
 # 11 s), 2D images filling the 160^2 training grid as its slices did. benchmarks/carl_grid.py: OASIS
-# Dice 0.624 / 0.635 / 0.639 / 0.639 at 12.6^3 / 16^3 / 20^3 / 24^3 tokens; 2D histology TRE 35.9 px
-# at 40^2 against 48.0 at 48^2 (the previous default), photos MACE 28.9 against 36.5.
+# Dice 0.624 / 0.635 / 0.639 / 0.639 at 12.6^3 / 16^3 / 20^3 / 24^3 tokens; 2D (symmetrised map)
+# histology TRE 31.3 px at 40^2 against 41.0 at 48^2 (the previous default), photos MACE 20.0 against 21.9.
 XI_TOKENS = {2: (TRAIN_SHAPE[2][0] // 4) * (TRAIN_SHAPE[2][1] // 4), 3: 20 ** 3}
 # Instance optimisation runs on a copy of the pair at most this fine (the weights do not depend on
 # the grid). In 3D that is the working grid: on OASIS (IO 50, 2 idle cores, before the affine
@@ -194,11 +194,12 @@ class CARL(Method):
         self.net, self.card = load_net(path, dim, device)
         self.checkpoint_name = path.stem if path.parent == weights.CHECKPOINT_DIR else str(path)
         # Symmetrised map (coords.symmetrise: the net run both ways, a shared bias cancelled). On by
-        # default for nets trained without GradICON, whose two directions disagree: carl-2d on
-        # histology TRE 35.9 -> 31.3 px, folds 7.5 -> 3.2 %; photos MACE 28.9 -> 20.0 (clean), 30.7 ->
-        # 24.6 (degraded), folds 20 -> 15 %, 24 -> 18 %. The GradICON-trained carl-3d loses a little
-        # with it (OASIS 0.639 -> 0.637, prostate 0.654 -> 0.648), so it stays off there.
-        self.symmetric = (self.card.get("train", {}).get("reg") != "gradicon") if symmetric is None else bool(symmetric)
+        # default unless the card says GradICON trained the net (its two directions then agree).
+        # carl-2d: histology TRE 35.9 -> 31.3 px, folds 7.5 -> 3.2 %; photos MACE 28.9 -> 20.0 (clean),
+        # 30.7 -> 24.6 (degraded), folds 20 -> 15 %, 24 -> 18 %. The GradICON-trained carl-3d loses a
+        # little with it (OASIS 0.639 -> 0.637, prostate 0.654 -> 0.648), so it stays off there.
+        gradicon_trained = self.card.get("train", {}).get("reg") == "gradicon"
+        self.symmetric = not gradicon_trained if symmetric is None else bool(symmetric)
 
     @classmethod
     def trainer(cls, dim: int, args: Any) -> Any:
@@ -278,7 +279,9 @@ class CARL(Method):
 
         def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
             loss, (phi_ab, phi_ba), _ = symmetric_loss(net, mov_io, fix_io, reg, lam, window)
-            return loss, full(coords.symmetrise(phi_ab, phi_ba.detach()) if self.symmetric else phi_ab)
+            # the preview shows the map the run returns; it is only looked at, never differentiated
+            phi_ab, phi_ba = phi_ab.detach(), phi_ba.detach()
+            return loss, full(coords.symmetrise(phi_ab, phi_ba) if self.symmetric else phi_ab)
 
         # previews every 5 steps: a step on the OASIS working grid takes 6-9 s on 2 cores
         final = yield from iter_optimise(net.parameters(), loss_fn, io_steps, self.io_lr, preview_every=5,
