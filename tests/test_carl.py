@@ -8,8 +8,8 @@ import torch
 
 from napari_register import coords, weights
 from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, Symmetrised, TwoStep
-from napari_register.methods.carl import (CARL, IO_TOKENS, LNCC_WINDOW, CARLNet, build, io_shape_for,
-                                           symmetric_loss, working_shape_for)
+from napari_register.methods.carl import (CARL, IO_LAM, IO_TOKENS, LNCC_WINDOW, PASSES, CARLNet, build,
+                                           io_shape_for, symmetric_loss, working_shape_for)
 
 torch.set_num_threads(1)
 
@@ -251,11 +251,51 @@ def test_instance_optimisation_regulariser_option(tmp_path):
         method = CARL(2, torch.device("cpu"), str(path), affine_iterations=0, io_reg=reg, io_lam=lam)
         stages, _ = _drain(method.iter_run(moving, fixed, io_steps=1))
         first[reg] = [p.loss for p in stages if p.stage == "instance optimisation"][0]
-        expected, _, _ = symmetric_loss(method.net, moving, fixed, reg, lam, LNCC_WINDOW[2])
+        expected, _, _ = symmetric_loss(method.net, moving, fixed, reg, lam, LNCC_WINDOW[2], eps=method.io_eps)
         assert first[reg] == pytest.approx(float(expected), rel=1e-5)
     assert first["diffusion"] != pytest.approx(first["gradicon"], rel=1e-3)
     with pytest.raises(ValueError, match="io_reg must be 'gradicon' or 'diffusion'"):
         CARL(2, torch.device("cpu"), str(path), io_reg="bending")
+
+
+def test_instance_optimisation_lncc_eps_option(tmp_path):
+    # io_eps is the LNCC's variance floor in IO: the first reported loss uses it, and it matters
+    torch.manual_seed(0)
+    config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
+    path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
+    moving = 0.05 * _blob_image(32, 2, 6, 24, 8).float()  # low contrast: local variances ~1e-4
+    fixed = torch.roll(moving, (2, 3), dims=(2, 3))
+    first = {}
+    for eps in (1e-5, 1e-2):
+        method = CARL(2, torch.device("cpu"), str(path), affine_iterations=0, io_eps=eps)
+        stages, _ = _drain(method.iter_run(moving, fixed, io_steps=1))
+        first[eps] = [p.loss for p in stages if p.stage == "instance optimisation"][0]
+        expected, _, _ = symmetric_loss(method.net, moving, fixed, "gradicon", IO_LAM["gradicon"], LNCC_WINDOW[2],
+                                        eps=eps)
+        assert first[eps] == pytest.approx(float(expected), rel=1e-5)
+    assert first[1e-2] > first[1e-5] + 0.1  # a floor above the variances hides the texture
+    with pytest.raises(ValueError, match="io_eps must be > 0"):
+        CARL(2, torch.device("cpu"), str(path), io_eps=0)
+
+
+def test_passes_option_applies_psi2_again_on_the_warped_image(tmp_path):
+    # passes=k is TwoStep{...TwoStep{CARL, Psi2}..., Psi2}: a Psi2 that shifts by s shifts by k s
+    config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
+    path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
+    moving, fixed = _blob_image(32, 2, 6, 26, 8).float(), _blob_image(32, 2, 6, 26, 9).float()
+    ident = coords.identity_map((32, 32))
+    for k in (1, 2, 3):
+        method = CARL(2, torch.device("cpu"), str(path), affine_iterations=0, symmetric=False, passes=k)
+        method.net.net.first = FixedMap(lambda x: x)
+        psi2 = method.net.net.second = FixedMap(lambda x: x + torch.tensor([0.02, -0.01]).view(1, 2, 1, 1))
+        _, out = _drain(method.iter_run(moving, fixed, io_steps=0))
+        shift = (out.map - ident)[..., 8:24, 8:24]
+        assert torch.allclose(shift[0, 0], torch.full((16, 16), 0.02 * k), atol=1e-5)
+        assert torch.allclose(shift[0, 1], torch.full((16, 16), -0.01 * k), atol=1e-5)
+        assert len(psi2.seen) == k
+    assert CARL(2, torch.device("cpu"), str(path)).net.passes == PASSES[2]
+    with pytest.raises(ValueError, match="passes must be at least 1"):
+        CARL(2, torch.device("cpu"), str(path), passes=0)
 
 
 def test_working_shape_for_the_oasis_pair():
