@@ -53,13 +53,13 @@ LNCC_WINDOW = {2: 9, 3: 7}
 # 0.1). The prostate pairs lose: 0.654 -> 0.642 before IO, and IO 50 (passes 2, io_eps 1e-5) gives
 # 0.751 with 0.045 % folds against 0.764 and 0.033 % with both off, a tie with ANTs SyN (0.751) in
 # that run. Off by default; README: the settings for brains. 2D: not measured.
-PASSES = {2: 1, 3: 1}
+PASSES = 1
 # IO's LNCC variance floor. 1e-3 (training's) treats patches with a standard deviation under 0.03 as
 # flat, i.e. much of the brain's grey-white contrast in a 7-voxel window: OASIS IO 50 0.641 -> 0.648
 # at 1e-5. A free field on CARL's map (optimize's loop, 30 steps) reaches 0.668 at 1e-3, 0.675 at
 # 1e-5. Kept at 1e-3 by default: prostate IO 50 with 1e-5 alone gives 0.758 with 0.109 % folds
 # (0.764, 0.033 % at 1e-3), with passes 2 as well 0.751.
-IO_EPS = {2: 1e-3, 3: 1e-3}
+IO_EPS = 1e-3
 # On by default: on the five prostate pairs it lifts CARL 0.534 -> 0.654 (+ IO 50: 0.764); on the
 # already aligned OASIS pair it costs 0.002 (0.641 -> 0.639).
 AFFINE_ITERATIONS = 50
@@ -218,10 +218,10 @@ class CARL(Method):
         # little with it (OASIS 0.639 -> 0.637, prostate 0.654 -> 0.648), so it stays off there.
         gradicon_trained = self.card.get("train", {}).get("reg") == "gradicon"
         self.symmetric = not gradicon_trained if symmetric is None else bool(symmetric)
-        self.net.passes = PASSES[dim] if passes is None else int(passes)
+        self.net.passes = PASSES if passes is None else int(passes)
         if self.net.passes < 1:
             raise ValueError(f"passes must be at least 1 (the network once), got {passes}")
-        self.io_eps = IO_EPS[dim] if io_eps is None else float(io_eps)
+        self.io_eps = IO_EPS if io_eps is None else float(io_eps)
         if not self.io_eps > 0:
             raise ValueError(f"io_eps must be > 0 (it keeps flat patches finite), got {io_eps}")
 
