@@ -47,16 +47,22 @@ class FieldAdam(torch.optim.Optimizer):
 
 def iter_optimise(params: Iterable[torch.nn.Parameter], loss_fn: LossFn, steps: int, lr: float,
                   stage: str = "instance optimisation", preview_every: int = 10, lr_end: float | None = None,
-                  optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+                  optimizer: type[torch.optim.Optimizer] = torch.optim.Adam, warmup: int = 0,
                   ) -> Generator[Progress, None, float]:
     """Adam on ``params`` for ``steps`` steps; yields Progress (with the map every ``preview_every``
     steps and at the last) and returns the final loss. ``lr_end``: decay the rate linearly to it, which
-    quiets Adam's sign-like steps where the gradient is only noise (flat background)."""
+    quiets Adam's sign-like steps where the gradient is only noise (flat background). ``warmup``: ramp
+    the rate up linearly over that many first steps (Adam's first steps move every weight by about
+    ``lr`` whatever its gradient, which can first undo what a trained network had)."""
     params = list(params)
     opt = optimizer(params, lr=lr)
-    if lr_end is not None:
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: 1.0 + (lr_end / lr - 1.0) * min(i / max(steps - 1, 1), 1.0))
+    end = lr if lr_end is None else lr_end
+
+    def factor(i: int) -> float:
+        decay = 1.0 + (end / lr - 1.0) * min(i / max(steps - 1, 1), 1.0)
+        return decay * min(1.0, (i + 1) / (warmup + 1)) if warmup > 0 else decay
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if lr_end is not None or warmup > 0 else None
     loss_value = float("nan")
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -66,7 +72,7 @@ def iter_optimise(params: Iterable[torch.nn.Parameter], loss_fn: LossFn, steps: 
                                      "lower the learning rate or check the inputs for NaN")
         loss.backward()
         opt.step()
-        if lr_end is not None:
+        if sched is not None:
             sched.step()
         loss_value = float(loss.detach())
         show = step == steps or (preview_every and step % preview_every == 0)

@@ -65,6 +65,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", help="start from the weights of this checkpoint (a fresh optimiser)")
     p.add_argument("--lam", type=float, help="regulariser weight (method default if unset)")
     p.add_argument("--lam-warmup", type=float, help="warm-up regulariser weight (method default if unset)")
+    p.add_argument("--lncc-eps", type=float, help="variance floor of the LNCC similarity, for methods trained "
+                   "with it (carl; default 1e-3)")
     p.add_argument("--config", default="{}", help="network config overrides as JSON, e.g. '{\"xi\": \"unet\"}'")
 
 

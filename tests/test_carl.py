@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from napari_register import coords, weights
+from napari_register.instance_opt import iter_optimise
 from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, Symmetrised, TwoStep
-from napari_register.methods.carl import (CARL, IO_LAM, IO_TOKENS, LNCC_WINDOW, PASSES, CARLNet, build,
+from napari_register.methods.carl import (CARL, IO_EPS, IO_LAM, IO_TOKENS, LNCC_WINDOW, PASSES, CARLNet, build,
                                            io_shape_for, symmetric_loss, working_shape_for)
 
 torch.set_num_threads(1)
@@ -276,6 +277,36 @@ def test_instance_optimisation_lncc_eps_option(tmp_path):
     assert first[1e-2] > first[1e-5] + 0.1  # a floor above the variances hides the texture
     with pytest.raises(ValueError, match="io_eps must be > 0"):
         CARL(2, torch.device("cpu"), str(path), io_eps=0)
+    # unset, it is the floor the card says the net was trained with (IO uses the training loss)
+    assert CARL(2, torch.device("cpu"), str(path)).io_eps == IO_EPS
+    trained = weights.save(tmp_path / "eps.pt", "carl", config, build(**config),
+                           {"dim": 2, "train": {"lncc_eps": 2e-5}})
+    assert CARL(2, torch.device("cpu"), str(trained)).io_eps == 2e-5
+    assert CARL(2, torch.device("cpu"), str(trained), io_eps=1e-3).io_eps == 1e-3
+
+
+def test_optimisation_warmup_ramps_the_rate_then_decays_it():
+    # loss = p has gradient 1, so plain SGD moves p by exactly the step's rate
+    for warmup, lr_end, expected in ((0, None, [1, 1, 1, 1, 1]), (3, None, [0.25, 0.5, 0.75, 1, 1]),
+                                     (0, 0.2, [1, 0.8, 0.6, 0.4, 0.2]), (3, 0.2, [0.25, 0.4, 0.45, 0.4, 0.2])):
+        p = torch.zeros((), requires_grad=True)
+        seen = [0.0]
+
+        def loss_fn():
+            return p * 1.0, p.detach()
+
+        for _ in iter_optimise([p], loss_fn, 5, 1.0, lr_end=lr_end, optimizer=torch.optim.SGD, warmup=warmup):
+            seen.append(-float(p))
+        steps = [b - a for a, b in zip(seen, seen[1:])]
+        assert steps == pytest.approx(expected), (warmup, lr_end)
+
+
+def test_io_warmup_option(tmp_path):
+    config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
+    path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
+    assert CARL(2, torch.device("cpu"), str(path), io_warmup=5).io_warmup == 5
+    with pytest.raises(ValueError, match="io_warmup must be >= 0"):
+        CARL(2, torch.device("cpu"), str(path), io_warmup=-1)
 
 
 def test_passes_option_applies_psi2_again_on_the_warped_image(tmp_path):

@@ -16,11 +16,11 @@ torch.set_num_threads(1)
 TINY = '{"width": 4, "features": 8, "unet_channels": [4, 8]}'
 
 
-def _args(tmp_path, steps: int, name: str = "tiny", seed: int = 0):
+def _args(tmp_path, steps: int, name: str = "tiny", seed: int = 0, extra: tuple[str, ...] = ()):
     return train.build_parser().parse_args([
         "--method", "carl", "--dim", "2", "--out", str(tmp_path / f"{name}.pt"), "--steps", str(steps),
         "--shape", "32", "32", "--real-fraction", "0", "--save-every", "2", "--warmup", "2",
-        "--seed", str(seed), "--threads", "1", "--config", TINY])
+        "--seed", str(seed), "--threads", "1", "--config", TINY, *extra])
 
 
 def _log(tmp_path, name="tiny"):
@@ -105,3 +105,16 @@ def test_init_starts_from_the_given_checkpoint(tmp_path):
     wa, wb = (weights.load(p, "carl", 2, build)[0].state_dict() for p in (a, b))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-8) for k in wa)
     assert json.loads(b.with_suffix(".json").read_text())["init"] == str(a)
+
+
+def test_lncc_eps_option_changes_the_training_loss_and_is_on_the_card(tmp_path):
+    # same seed, same pairs: only the LNCC's variance floor differs, so the first loss must differ
+    a = train.main(_args(tmp_path, 1, "default", seed=5))
+    b = train.main(_args(tmp_path, 1, "floor", seed=5, extra=("--lncc-eps", "0.5")))
+    assert json.loads(a.with_suffix(".json").read_text())["train"]["lncc_eps"] == 1e-3
+    assert json.loads(b.with_suffix(".json").read_text())["train"]["lncc_eps"] == 0.5
+    # a floor far above every local variance makes each patch look flat: NCC ~0, the LNCC loss ~1
+    floor, default = _log(tmp_path, "floor")[0]["sim"], _log(tmp_path, "default")[0]["sim"]
+    assert abs(floor - 1) < 5e-3 and abs(default - floor) > 0.01
+    with pytest.raises(ValueError, match="--lncc-eps must be > 0"):
+        train.main(_args(tmp_path, 1, "bad", extra=("--lncc-eps", "0")))

@@ -48,6 +48,7 @@ LAM_GRADICON, LAM_DIFFUSION = 1.5, 0.001
 # 0.643 with 0.11 % (GradICON 0.3: 0.641, 0.007 %).
 IO_LAM = {"gradicon": 0.3, "diffusion": 0.5}
 LNCC_WINDOW = {2: 9, 3: 7}
+TRAIN_EPS = 1e-3  # training's LNCC variance floor (``--lncc-eps``)
 # Psi2 run again on its own output (TwoStep{CARL, Psi2}, shared weights): OASIS network alone 0.639
 # -> 0.647 (passes 2) -> 0.648 (3); with io_eps 1e-5, IO 50 0.648 -> 0.655 (2) -> 0.662 (3, GradICON
 # 0.1). The prostate pairs lose: 0.654 -> 0.642 before IO, and IO 50 (passes 2, io_eps 1e-5) gives
@@ -60,6 +61,8 @@ PASSES = 1
 # 1e-5. Kept at 1e-3 by default: prostate IO 50 with 1e-5 alone gives 0.758 with 0.109 % folds
 # (0.764, 0.033 % at 1e-3), with passes 2 as well 0.751.
 IO_EPS = 1e-3
+# Steps over which IO's rate ramps up to io_lr (see iter_optimise).
+IO_WARMUP = 0
 # On by default: on the five prostate pairs it lifts CARL 0.534 -> 0.654 (+ IO 50: 0.764); on the
 # already aligned OASIS pair it costs 0.002 (0.641 -> 0.639).
 AFFINE_ITERATIONS = 50
@@ -188,7 +191,8 @@ class CARL(Method):
                  affine_iterations: int = AFFINE_ITERATIONS, io_lr: float | None = None,
                  io_lam: float | None = None, io_window: int | None = None,
                  io_lr_end: float | None = None, io_reg: str | None = None, tokens: int | None = None,
-                 symmetric: bool | None = None, passes: int | None = None, io_eps: float | None = None) -> None:
+                 symmetric: bool | None = None, passes: int | None = None, io_eps: float | None = None,
+                 io_warmup: int | None = None) -> None:
         super().__init__(dim, device, checkpoint)
         # Xi's token budget, which sets the working grid (the weights do not depend on it)
         self.tokens = XI_TOKENS[dim] if tokens is None else int(tokens)
@@ -221,9 +225,14 @@ class CARL(Method):
         self.net.passes = PASSES if passes is None else int(passes)
         if self.net.passes < 1:
             raise ValueError(f"passes must be at least 1 (the network once), got {passes}")
-        self.io_eps = IO_EPS if io_eps is None else float(io_eps)
+        # default: the floor the net was trained with (the same loss), IO_EPS for older cards
+        train_eps = self.card.get("train", {}).get("lncc_eps", IO_EPS)
+        self.io_eps = float(train_eps if io_eps is None else io_eps)
         if not self.io_eps > 0:
             raise ValueError(f"io_eps must be > 0 (it keeps flat patches finite), got {io_eps}")
+        self.io_warmup = IO_WARMUP if io_warmup is None else int(io_warmup)
+        if self.io_warmup < 0:
+            raise ValueError(f"io_warmup must be >= 0 steps (0: no warm-up), got {io_warmup}")
 
     @classmethod
     def trainer(cls, dim: int, args: Any) -> Any:
@@ -240,6 +249,9 @@ class CARL(Method):
         lam = LAM_GRADICON if getattr(args, "lam", None) is None else args.lam
         lam_warm = LAM_DIFFUSION if getattr(args, "lam_warmup", None) is None else args.lam_warmup
         main_reg = getattr(args, "reg", None) or "gradicon"
+        eps = TRAIN_EPS if getattr(args, "lncc_eps", None) is None else args.lncc_eps
+        if not eps > 0:
+            raise ValueError(f"--lncc-eps must be > 0, got {eps}")
 
         def loss(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, step: int
                  ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -250,7 +262,7 @@ class CARL(Method):
             ramp = min(1.0, (step - args.warmup + 1) / max(getattr(args, "ramp", 0), 1))
             weight = lam_warm if step < args.warmup else lam * ramp
             value, _, logs = symmetric_loss(model, moving, fixed, reg, weight, LNCC_WINDOW[dim],
-                                            coarse=step < args.warmup)
+                                            coarse=step < args.warmup, eps=eps)
             return value, logs
 
         def pairs(seed: int):
@@ -260,7 +272,7 @@ class CARL(Method):
         train = {"loss": f"symmetric LNCC + diffusion on Down{{Down{{Xi}}}} (warm-up), then {main_reg} on the stack",
                  "reg": main_reg, "lam": lam, "lam_diffusion": lam_warm, "warmup": args.warmup,
                  "ramp": getattr(args, "ramp", 0),
-                 "lncc_window": LNCC_WINDOW[dim]}
+                 "lncc_window": LNCC_WINDOW[dim], "lncc_eps": eps}
         return TrainSpec(config, build, loss, pairs, source.describe(), {"train": train})
 
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
@@ -309,7 +321,7 @@ class CARL(Method):
 
         # previews every 5 steps: a step on the OASIS working grid takes 6-9 s on 2 cores
         final = yield from iter_optimise(net.parameters(), loss_fn, io_steps, self.io_lr, preview_every=5,
-                                         lr_end=self.io_lr_end)
+                                         lr_end=self.io_lr_end, warmup=self.io_warmup)
         net.eval()
         with torch.no_grad():
             phi = self._map(net, moving, fixed)
