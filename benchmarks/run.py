@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks import peers, photos
 from benchmarks.tasks import Case, Pair, cases, load, skip_reason
+from napari_register.methods.carl import BRAIN_SETTINGS
 
 HERE = Path(__file__).resolve().parent
 DEVICE = "cpu"
@@ -64,6 +65,9 @@ OURS = {
     "carl_noaffine": ours("carl", options={"affine_iterations": 0}, label="ours: CARL network alone"),
     # 50 fine-tuning steps take ~8 min on the OASIS working grid (2 cores), seconds in 2D.
     "carl_io": ours("carl", io_steps=50, label="ours: CARL + IO 50"),
+    "carl_io_brain": ours("carl", io_steps=50, options=BRAIN_SETTINGS, label="ours: CARL + IO 50, brain settings"),
+    "carl_io100_brain": ours("carl", io_steps=100, options=BRAIN_SETTINGS,
+                             label="ours: CARL + IO 100, brain settings"),
 }
 QUICK_PEERS = ("identity", "sitk_demons", "elastix_bspline", "elastix_affine_bspline", "opencv_sift")
 
@@ -109,7 +113,7 @@ def run(tasks: list[str], quick: bool, only: Optional[list[str]] = None, skip: t
             return False
         if only:
             return name in only
-        return not quick or name in QUICK_PEERS or name in OURS and name != "carl_io"
+        return not quick or name in QUICK_PEERS or name in OURS and not name.startswith("carl_io")
 
     for task in tasks:
         if task == "photos":
