@@ -9,8 +9,8 @@ import torch
 from napari_register import coords, weights
 from napari_register.instance_opt import iter_optimise
 from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, Symmetrised, TwoStep
-from napari_register.methods.carl import (CARL, IO_EPS, IO_LAM, IO_TOKENS, LNCC_WINDOW, PASSES, CARLNet, build,
-                                           io_shape_for, symmetric_loss, working_shape_for)
+from napari_register.methods.carl import (BRAIN_SETTINGS, CARL, IO_EPS, IO_LAM, IO_TOKENS, LNCC_WINDOW, PASSES,
+                                           CARLNet, build, io_shape_for, symmetric_loss, working_shape_for)
 
 torch.set_num_threads(1)
 
@@ -305,6 +305,9 @@ def test_io_warmup_option(tmp_path):
     config = {"dim": 2, "width": 4, "features": 8, "unet_channels": [4, 8]}
     path = weights.save(tmp_path / "tiny.pt", "carl", config, build(**config), {"dim": 2})
     assert CARL(2, torch.device("cpu"), str(path), io_warmup=5).io_warmup == 5
+    brain = CARL(2, torch.device("cpu"), str(path), **BRAIN_SETTINGS)  # the preset names real options
+    assert (brain.net.passes, brain.io_eps, brain.io_lam, brain.io_warmup) == tuple(
+        BRAIN_SETTINGS[k] for k in ("passes", "io_eps", "io_lam", "io_warmup"))
     with pytest.raises(ValueError, match="io_warmup must be >= 0"):
         CARL(2, torch.device("cpu"), str(path), io_warmup=-1)
 
