@@ -287,6 +287,7 @@ def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histo
     shipped_2d = str(weights.CHECKPOINT_DIR / "carl-2d.pt")
     assert reg.checkpoint.choices[0] == shipped_2d  # the shipped checkpoint first, "from file..." offered
     reg.checkpoint.value = shipped_2d
+    assert list(reg.settings.choices) == ["default"]  # the brain settings are for 3D
     assert reg.io_steps.value == 50  # CARL's default; Run with 0, then continue with the button
     reg.io_steps.value = 0
     reg.method_options = {"affine_iterations": 20}
@@ -319,6 +320,18 @@ def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histo
     assert "carl" in reg.method.choices
     reg.method.value = "carl"
     assert reg.checkpoint.value == str(weights.CHECKPOINT_DIR / "carl-3d.pt")
+    # CARL offers its brain settings; they (and script-set options over them) reach the job
+    from napari_register.methods.carl import BRAIN_SETTINGS
+    assert list(reg.settings.choices) == ["default", "brain"] and not reg.settings.native.isHidden()
+    reg.method_options = None
+    assert reg._job_arguments(None)["options"] is None  # "default": the method's defaults
+    reg.settings.value = "brain"
+    assert reg._job_arguments(None)["options"] == BRAIN_SETTINGS
+    reg.method_options = {"passes": 2}
+    assert reg._job_arguments(None)["options"] == {**BRAIN_SETTINGS, "passes": 2}
+    reg.method.value = "optimize"
+    assert list(reg.settings.choices) == ["default"] and reg.settings.native.isHidden()
+    reg.method.value = "carl"
     # in the order a fresh widget shows them: shipped first, "from file..." last
     assert list(reg.checkpoint.choices) == [str(weights.CHECKPOINT_DIR / "carl-3d.pt"), "from file..."]
     # a checkpoint picked from a file joins the list before "from file..." and is selected

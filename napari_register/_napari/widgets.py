@@ -77,6 +77,8 @@ class RegisterWidget(Container):
         self.moving_points = ComboBox(label="moving points", choices=layer_choices(viewer, Points), nullable=True)
         self.method = ComboBox(label="method", choices=self._method_choices)
         self.checkpoint = ComboBox(label="checkpoint", choices=self._checkpoint_choices)
+        self.settings = ComboBox(label="settings", choices=self._settings_choices,
+                                 tooltip="the method's option set for a kind of data (README: brain settings)")
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"])
         self.io_steps = SpinBox(label="IO steps", min=0, max=10000, value=0,
                                 tooltip="instance-optimisation steps (Run: after the method; "
@@ -89,7 +91,7 @@ class RegisterWidget(Container):
         buttons = Container(widgets=[self.run_button, self.io_button, self.cancel_button], layout="horizontal",
                             labels=False)
         self.extend([self.moving, self.fixed, self.moving_labels, self.moving_points, self.method, self.checkpoint,
-                     self.device, self.io_steps, buttons, self.progress, self.status])
+                     self.settings, self.device, self.io_steps, buttons, self.progress, self.status])
         self.moving_labels.value = None
         self.moving_points.value = None
         self._grey_out_cuda()
@@ -142,6 +144,10 @@ class RegisterWidget(Container):
         extra = [(Path(p).name, p) for p in self._extra_checkpoints]
         return shipped_checkpoints(name, dim) + extra + [(FROM_FILE, FROM_FILE)]
 
+    def _settings_choices(self, _w: Any = None) -> list[str]:
+        name = getattr(self, "method", None) and self.method.value
+        return ["default", *(get_method(name).presets.get(self.dim, {}) if name else {})]
+
     def _grey_out_cuda(self) -> None:
         import torch
 
@@ -165,6 +171,8 @@ class RegisterWidget(Container):
 
     def _on_method_changed(self, *_: Any) -> None:
         self._refresh_checkpoints()
+        self.settings.reset_choices()
+        self.settings.visible = len(self.settings.choices) > 1  # only methods that have presets
         if self.method.value is not None and self.method.value != self._method_shown:
             self._method_shown = self.method.value  # only a new method resets the steps to its default
             self.io_steps.value = get_method(self.method.value).default_io_steps
@@ -259,8 +267,10 @@ class RegisterWidget(Container):
         if checkpoint == FROM_FILE:
             raise ValueError("choose a checkpoint file (or a shipped checkpoint) first")
         steps = self.io_steps.value
+        preset = get_method(self.method.value).presets.get(self.dim, {}).get(self.settings.value, {})
+        options = {**preset, **(self.method_options or {})} or None  # script-set options override the preset
         kwargs = dict(method=self.method.value, checkpoint=checkpoint, io_steps=steps, device=self.device.value,
-                      options=self.method_options)
+                      options=options)
         if parent is not None:  # same method, same pair, same options; only more steps
             r = parent.result
             kwargs.update(method=r.method, checkpoint=r.checkpoint, init=r, options=parent.options,

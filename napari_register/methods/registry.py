@@ -52,6 +52,9 @@ class Method:
     needs_checkpoint: ClassVar[bool] = False
     default_io_steps: ClassVar[int] = 0
     description: ClassVar[str] = ""
+    # Named option sets for kinds of data, per dimensionality (the Register widget's "settings");
+    # none: the defaults only.
+    presets: ClassVar[dict[int, dict[str, dict[str, Any]]]] = {}
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None,
                  **options: Any) -> None:
