@@ -67,7 +67,8 @@ IO_EPS = TRAIN_EPS  # what the shipped nets were trained with; their cards preda
 IO_WARMUP = 0
 # Options for brains (near-aligned pairs, thin grey-white contrast), chosen on the OASIS pair (IO 50
 # traces, benchmarks/io_trace.py): passes 2 + io_eps 1e-5 0.655, + io_warmup 10 0.659; all four
-# 0.6657, IO 100 0.6684 (folds 0.004 %; demons 0.6664). They fold or lose on the prostate (README).
+# 0.6657, IO 100 0.6684 (folds 0.004 %; demons 0.6664). On the prostate pairs: 0.746 with 0.34 %
+# folds (defaults: 0.764, 0.033 %), so only for brains (README).
 BRAIN_SETTINGS: dict[str, Any] = {"passes": 3, "io_eps": 1e-5, "io_lam": 0.1, "io_warmup": 10}
 # On by default: on the five prostate pairs it lifts CARL 0.534 -> 0.654 (+ IO 50: 0.764); on the
 # already aligned OASIS pair it costs 0.002 (0.641 -> 0.639).
