@@ -58,11 +58,10 @@ def iter_optimise(params: Iterable[torch.nn.Parameter], loss_fn: LossFn, steps: 
     opt = optimizer(params, lr=lr)
     end = lr if lr_end is None else lr_end
 
-    def factor(i: int) -> float:
-        decay = 1.0 + (end / lr - 1.0) * min(i / max(steps - 1, 1), 1.0)
-        return decay * min(1.0, (i + 1) / (warmup + 1)) if warmup > 0 else decay
+    def factor(i: int) -> float:  # linear decay lr -> end, times the warm-up ramp
+        return (1.0 + (end / lr - 1.0) * min(i / max(steps - 1, 1), 1.0)) * min(1.0, (i + 1) / (warmup + 1))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if lr_end is not None or warmup > 0 else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     loss_value = float("nan")
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -72,8 +71,7 @@ def iter_optimise(params: Iterable[torch.nn.Parameter], loss_fn: LossFn, steps: 
                                      "lower the learning rate or check the inputs for NaN")
         loss.backward()
         opt.step()
-        if sched is not None:
-            sched.step()
+        sched.step()
         loss_value = float(loss.detach())
         show = step == steps or (preview_every and step % preview_every == 0)
         yield Progress(stage, step, steps, loss_value, phi.detach() if show else None)

@@ -144,9 +144,13 @@ class RegisterWidget(Container):
         extra = [(Path(p).name, p) for p in self._extra_checkpoints]
         return shipped_checkpoints(name, dim) + extra + [(FROM_FILE, FROM_FILE)]
 
-    def _settings_choices(self, _w: Any = None) -> list[str]:
+    def _presets(self) -> dict[str, dict[str, Any]]:
+        """The chosen method's named option sets for the fixed image's dimensionality."""
         name = getattr(self, "method", None) and self.method.value
-        return ["default", *(get_method(name).presets.get(self.dim, {}) if name else {})]
+        return get_method(name).presets.get(self.dim, {}) if name else {}
+
+    def _settings_choices(self, _w: Any = None) -> list[str]:
+        return ["default", *self._presets()]
 
     def _grey_out_cuda(self) -> None:
         import torch
@@ -267,7 +271,7 @@ class RegisterWidget(Container):
         if checkpoint == FROM_FILE:
             raise ValueError("choose a checkpoint file (or a shipped checkpoint) first")
         steps = self.io_steps.value
-        preset = get_method(self.method.value).presets.get(self.dim, {}).get(self.settings.value, {})
+        preset = self._presets().get(self.settings.value, {})
         options = {**preset, **(self.method_options or {})} or None  # script-set options override the preset
         kwargs = dict(method=self.method.value, checkpoint=checkpoint, io_steps=steps, device=self.device.value,
                       options=options)

@@ -132,7 +132,7 @@ def load_net(path: str | Path, dim: int, device: torch.device | str = "cpu") -> 
 
 
 def symmetric_loss(net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, reg: str = "gradicon",
-                   lam: float = 1.5, window: int = 5, coarse: bool = False, eps: float = 1e-3
+                   lam: float = 1.5, window: int = 5, coarse: bool = False, eps: float = TRAIN_EPS
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict[str, float]]:
     """Register both ways; LNCC of both warped images plus ``lam`` x regulariser.
 
