@@ -13,9 +13,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "register": "api", "iter_register": "api", "RegistrationResult": "api", "Cancelled": "api",
+    "register": "api", "iter_register": "api", "RegistrationResult": "api", "Cancelled": "progress",
     "read_image": "image", "write_image": "image", "Image": "image", "ImageError": "image",
-    "list_methods": "methods.registry", "get_method": "methods.registry", "Progress": "methods.registry",
+    "list_methods": "methods.registry", "get_method": "methods.registry", "Progress": "progress",
     "DisplacementField": "transforms", "MatrixTransform": "transforms", "warp_image": "transforms",
 }
 

@@ -15,13 +15,11 @@ import torch
 
 from .coords import Geometry, identity_map, resize_image, resize_map
 from .image import Image, ImageError, check_registrable, read_image
+from .intensity import normalise
 from .metrics import fold_fraction
-from .methods.registry import MethodOutput, Progress, get_method
+from .methods.registry import MethodOutput, get_method
+from .progress import Cancelled, Progress
 from .transforms import Composite, DisplacementField, MatrixTransform, Transform, warp_image
-
-
-class Cancelled(RuntimeError):
-    """Raised inside :func:`iter_register` when its ``cancel`` hook returns True."""
 
 
 @dataclass
@@ -66,14 +64,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
-
-
-def normalise(array: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
-    """Robust intensity normalisation: clip to the percentiles, scale to [0, 1]."""
-    lo, hi = np.percentile(array, percentiles)
-    if hi <= lo:  # mostly-constant images: fall back to the full range
-        lo, hi = float(array.min()), float(array.max())
-    return np.clip((array - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
 
 
 def centre_alignment(moving: Geometry, fixed: Geometry) -> MatrixTransform:

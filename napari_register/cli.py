@@ -1,4 +1,4 @@
-"""Command line: ``napari-register register|demo|train|bench``.
+"""Command line: ``napari-register register|demo|train|methods`` (benchmarks: ``python -m benchmarks``).
 
 ``register`` is a contract other tools script against: it writes into ``--out``
 ``warped.<ext of fixed>``, ``warped_labels.<ext>`` (with labels), ``displacement.nii.gz`` (ITK
@@ -7,7 +7,6 @@ displacement field, mm, fixed grid), ``jacobian.nii.gz``, ``qa.png`` and ``metri
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -16,29 +15,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
-
-
-def read_points(path: str | Path, ndim: int) -> np.ndarray:
-    """Points CSV: a header row with columns ``X,Y[,Z]`` (physical; pixels for photos), others ignored."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such points file")
-    with open(p, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise ValueError(f"{p}: empty points file; expected a header row with columns X,Y[,Z]")
-    header = [h.strip().upper() for h in rows[0]]
-    names = ["X", "Y", "Z"][:ndim]
-    missing = [n for n in names if n not in header]
-    if missing:
-        raise ValueError(f"{p}: no column(s) {', '.join(missing)} in header {rows[0]}; "
-                         f"a {ndim}D points file needs columns {','.join(names)}")
-    idx = [header.index(n) for n in names]
-    try:
-        pts = np.array([[float(r[i]) for i in idx] for r in rows[1:] if any(c.strip() for c in r)])
-    except (ValueError, IndexError) as e:
-        raise ValueError(f"{p}: a row is not numeric in columns {','.join(names)} ({e})") from None
-    return pts.reshape(-1, ndim)
 
 
 def _labels_like(path: str, image) -> Any:
@@ -72,7 +48,7 @@ def _dice(warped, fixed_labels) -> dict[str, float]:
 
 def run_register(args: argparse.Namespace) -> dict:
     from .api import register
-    from .image import read_image, write_image
+    from .image import read_image, read_points, write_image
     from .qa import qa_figure
 
     out = Path(args.out)
@@ -194,26 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     d.add_argument("--sample-dir", default=str(SAMPLE_DIR), help=argparse.SUPPRESS)
     sub.add_parser("methods", help="list the registered methods")
-    b = sub.add_parser("bench", help="run the benchmark suite (needs the repository's benchmarks/ and, for "
-                       "the real-data tasks, ../shared/data or NAPARI_REGISTER_DATA)", add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of benchmarks/run.py (--help)")
-    try:
-        from . import train as _train
+    from .training import add_train_arguments
 
-        t = sub.add_parser("train", help="train a method's network and save a checkpoint with its card")
-        _train.add_train_arguments(t)
-    except ImportError:
-        pass
+    add_train_arguments(sub.add_parser("train", help="train a method's network and save a checkpoint with its card"))
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/run.py, --help included
-        args = argparse.Namespace(command="bench", bench_args=argv[1:])
-    else:
-        args = parser.parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         if args.command == "register":
             run_register(args)
@@ -225,19 +191,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for name in list_methods():
                 cls = get_method(name)
                 print(f"{name:10s} {'/'.join(f'{d}D' for d in cls.dims):6s} {cls.description}")
-        elif args.command == "bench":
-            repo = SAMPLE_DIR.parent
-            if not (repo / "benchmarks" / "run.py").exists():
-                raise FileNotFoundError("the benchmark suite lives in the repository's benchmarks/ folder; "
-                                        "run `napari-register bench` from a clone of napari-register")
-            sys.path.insert(0, str(repo))
-            from benchmarks import run as bench
-
-            return bench.main(args.bench_args)
         elif args.command == "train":
-            from . import train as _train
+            from .training.loop import train
 
-            _train.main(args)
+            train(args)
         return 0
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"napari-register: error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ the array in (z, y, x) order, so a NIfTI read here equals SimpleITK reading the 
 """
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -237,8 +238,9 @@ def write_image(image: Image, path: str | os.PathLike, *, protect: tuple[str, ..
 
         arr = image.array
         if arr.dtype != np.uint8:
-            lo, hi = np.nanpercentile(arr, [0.5, 99.5]) if arr.size else (0, 1)
-            arr = (np.clip((arr - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)
+            from .intensity import normalise
+
+            arr = (normalise(arr) * 255).astype(np.uint8)
         PILImage.fromarray(arr).save(p)
     else:
         raise ImageError(f"{p}: cannot write {suffix!r}; use .nii.gz, .nii, .mha, .nrrd or .png")
@@ -277,3 +279,26 @@ def check_registrable(image: Image, role: str) -> None:
     if float(lum.max()) == float(lum.min()):
         raise ImageError(f"{where}: constant image (every voxel {float(lum.min())}); nothing to align - "
                          "check that the right file was opened")
+
+
+def read_points(path: str | Path, ndim: int) -> np.ndarray:
+    """Points CSV: a header row with columns ``X,Y[,Z]`` (physical; pixels for photos), others ignored."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such points file")
+    with open(p, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{p}: empty points file; expected a header row with columns X,Y[,Z]")
+    header = [h.strip().upper() for h in rows[0]]
+    names = ["X", "Y", "Z"][:ndim]
+    missing = [n for n in names if n not in header]
+    if missing:
+        raise ValueError(f"{p}: no column(s) {', '.join(missing)} in header {rows[0]}; "
+                         f"a {ndim}D points file needs columns {','.join(names)}")
+    idx = [header.index(n) for n in names]
+    try:
+        pts = np.array([[float(r[i]) for i in idx] for r in rows[1:] if any(c.strip() for c in r)])
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{p}: a row is not numeric in columns {','.join(names)} ({e})") from None
+    return pts.reshape(-1, ndim)

@@ -9,7 +9,7 @@ from typing import Callable, Generator, Iterable
 import torch
 
 from .coords import matrix_map, resize_image, sample
-from .methods.registry import Progress
+from .progress import Progress
 
 LossFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 """Returns ``(loss, map)``: the scalar to minimise and the current fixed->moving map (for previews)."""

@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .intensity import normalise
+
 # Jacobian determinant colours (RGB floats in [0, 1]): a diverging map centred at 1 plus a colour
 # for folds that appears in neither half, so folding is never read as strong shrinking.
 JACOBIAN_COLORS = {
@@ -24,18 +26,9 @@ JACOBIAN_COLORS = {
 NAN_COLOR = (0.5, 0.5, 0.5)
 
 
-def normalize(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
-    """Intensities rescaled so the given percentiles map to 0 and 1, clipped -> float32.
-
-    Falls back to min/max when the percentiles coincide; a constant image gives zeros.
-    """
-    x = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(x, percentiles) if x.size else (0.0, 0.0)
-    if hi <= lo:
-        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if hi <= lo:
-        return np.zeros_like(x)
-    return np.clip((x - lo) / (hi - lo), 0, 1).astype(np.float32)
+def normalize(image: np.ndarray) -> np.ndarray:
+    """Display scaling of QA views: :func:`intensity.normalise` at the 1st/99th percentiles."""
+    return normalise(image, (1.0, 99.0))
 
 
 def _pair(name: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

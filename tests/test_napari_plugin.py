@@ -73,7 +73,7 @@ def viewer_widgets(make_napari_viewer):
 @pytest.fixture
 def histology(viewer_widgets):
     """4x downsampled histology pair + the full-resolution landmarks (so layers differ in scale)."""
-    from napari_register.cli import read_points
+    from napari_register.image import read_points
 
     viewer, reg, qa_w = viewer_widgets
     d = sample_dir() / "histology"

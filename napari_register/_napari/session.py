@@ -16,9 +16,9 @@ import numpy as np
 from psygnal import Signal
 
 from .. import qa
-from ..api import Cancelled, RegistrationResult, iter_register
+from ..api import RegistrationResult, iter_register
 from ..image import Image
-from ..methods.registry import Progress
+from ..progress import Cancelled, Progress
 from .layers import LayerData, image_layer, points_layer, run_metadata
 
 COLUMNS = ("run", "method", "checkpoint", "io steps", "seconds", "Dice", "TRE mean", "TRE max", "folds %")

@@ -17,8 +17,8 @@ from napari.layers import Image as ImageLayer
 from napari.layers import Labels, Points
 from napari.utils.notifications import show_error, show_info
 
-from ..api import Cancelled
-from ..methods.registry import Progress, get_method, list_methods
+from ..progress import Cancelled, Progress
+from ..methods.registry import get_method, list_methods
 from . import session as ses
 from .layers import META_KEY, image_from_layer, image_layer, points_phys
 

@@ -1,4 +1,4 @@
-"""Registration methods, one module each, found by name through :mod:`.registry`."""
-from .registry import Method, MethodOutput, Progress, get_method, list_methods, register_method
+"""Registration methods, one module each (listed in :data:`.registry.BUILTIN`), found by name."""
+from .registry import Method, MethodOutput, get_method, list_methods, register_method
 
-__all__ = ["Method", "MethodOutput", "Progress", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "MethodOutput", "get_method", "list_methods", "register_method"]

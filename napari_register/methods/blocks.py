@@ -6,6 +6,8 @@ images on the same grid and returns a map ``(B, d, *S)`` in the norm frame of :m
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -200,3 +202,25 @@ class Down(nn.Module):
             raise ValueError(f"Down needs even sizes, got {shape}; choose a working shape divisible by 4")
         phi = self.inner(half_resolution(moving), half_resolution(fixed))
         return coords.resize_map(phi, shape)
+
+
+def svf_exp(velocity: torch.Tensor, steps: int | None = None, max_gradient: float = 0.25) -> torch.Tensor:
+    """Map ``exp(v)`` of a velocity ``(B, d, *S)`` in norm units by scaling and squaring.
+
+    ``steps=None`` picks the fewest squarings that bring the scaled velocity's largest voxel-to-voxel
+    change under ``max_gradient``: at 0.25 the first Euler step cannot fold, and squaring keeps it
+    so. A smooth velocity needs few squarings even for a large motion (each one resamples the field,
+    the bulk of an iteration's cost)."""
+    shape = tuple(velocity.shape[2:])
+    ident = coords.identity_map(shape, velocity.device, velocity.dtype)
+    if steps is None:
+        d = len(shape)
+        with torch.no_grad():
+            scale = torch.tensor([max(n - 1, 1) for n in shape], device=velocity.device, dtype=velocity.dtype)
+            vox = velocity * scale.view(1, d, *([1] * d))  # voxel units
+            grad = max((float(vox.diff(dim=2 + a).abs().max()) for a in range(d) if shape[a] > 1), default=0.0)
+        steps = int(min(max(math.ceil(math.log2(max(grad, 1e-6) / max_gradient)), 1), 8))
+    phi = ident + velocity / (2 ** steps)
+    for _ in range(steps):
+        phi = coords.compose(phi, phi)
+    return phi

@@ -7,38 +7,17 @@ The same loop (:func:`napari_register.instance_opt.iter_optimise`) fine-tunes th
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Generator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..coords import apply_matrix, compose, gaussian_blur, identity_map, resize_image, resize_map, sample
+from ..coords import apply_matrix, compose, gaussian_blur, resize_image, resize_map, sample
 from ..instance_opt import FieldAdam, iter_affine, iter_optimise
 from ..losses import diffusion, get_similarity
-from .registry import Method, MethodOutput, Progress, register_method
-
-
-def svf_exp(velocity: torch.Tensor, steps: int | None = None, max_gradient: float = 0.25) -> torch.Tensor:
-    """Map ``exp(v)`` of a velocity ``(B, d, *S)`` in norm units by scaling and squaring.
-
-    ``steps=None`` picks the fewest squarings that bring the scaled velocity's largest voxel-to-voxel
-    change under ``max_gradient``: at 0.25 the first Euler step cannot fold, and squaring keeps it
-    so. A smooth velocity needs few squarings even for a large motion (each one resamples the field,
-    the bulk of an iteration's cost)."""
-    shape = tuple(velocity.shape[2:])
-    ident = identity_map(shape, velocity.device, velocity.dtype)
-    if steps is None:
-        d = len(shape)
-        with torch.no_grad():
-            scale = torch.tensor([max(n - 1, 1) for n in shape], device=velocity.device, dtype=velocity.dtype)
-            vox = velocity * scale.view(1, d, *([1] * d))  # voxel units
-            grad = max((float(vox.diff(dim=2 + a).abs().max()) for a in range(d) if shape[a] > 1), default=0.0)
-        steps = int(min(max(math.ceil(math.log2(max(grad, 1e-6) / max_gradient)), 1), 8))
-    phi = ident + velocity / (2 ** steps)
-    for _ in range(steps):
-        phi = compose(phi, phi)
-    return phi
+from ..progress import Progress
+from .blocks import svf_exp
+from .registry import Method, MethodOutput, register_method
 
 
 def _vox_to_norm(shape: Sequence[int], device: torch.device) -> torch.Tensor:

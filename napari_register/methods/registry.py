@@ -13,23 +13,9 @@ from typing import Any, Callable, ClassVar, Generator, Optional
 
 import torch
 
+from ..progress import Progress
+
 _REGISTRY: dict[str, type["Method"]] = {}
-
-
-@dataclass
-class Progress:
-    """One step of a running registration; ``map`` (working resolution) is set for live previews."""
-
-    stage: str
-    step: int
-    total: int
-    loss: Optional[float] = None
-    map: Optional[torch.Tensor] = None
-    warped: Any = None  # set by the pipeline when previews are asked for: moving warped at fixed resolution
-
-    def __str__(self) -> str:
-        loss = "" if self.loss is None else f" loss {self.loss:.4f}"
-        return f"{self.stage} {self.step}/{self.total}{loss}"
 
 
 @dataclass
@@ -92,15 +78,16 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
+# The method modules, in one place: importing one registers its methods.
+BUILTIN = ("optimize", "carl")
+
+
 def _load_builtin() -> None:
-    # Importing the modules registers their methods; done lazily so importing the package is cheap.
-    from . import optimize  # noqa: F401
-    for mod in ("carl", "ran", "art", "alto"):
-        try:
-            __import__(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:  # a method not written yet
-            if e.name != f"{__package__}.{mod}":
-                raise
+    # Lazy, so importing the package (as napari does to read its manifest) stays cheap.
+    import importlib
+
+    for mod in BUILTIN:
+        importlib.import_module(f"{__package__}.{mod}")
 
 
 def get_method(name: str) -> type[Method]:

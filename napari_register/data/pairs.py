@@ -1,0 +1,59 @@
+"""The pair source of the deformable recipes: SynthMorph-style pairs mixed with real volumes.
+
+Synthetic: one label-map image, two independently deformed (smooth random field + translation,
+zeros outside) and corrupted copies. Real: two volumes of one group (brains or prostate MR), each
+resampled onto the training grid through its own random deformation and translation. Batches are
+``{"moving", "fixed"}``, each ``(B, 1, *shape)`` in [0, 1].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .. import coords
+from . import HOLDOUT
+from .synthmorph import corrupt, random_map, synthetic_image
+from .volumes import RealVolumes
+
+
+class PairSource:
+    """Endless iterator of ``{"moving", "fixed"}`` batches, each ``(batch, 1, *shape)``."""
+
+    def __init__(self, dim: int, shape: tuple[int, ...], batch: int = 1, real_fraction: float = 0.5,
+                 seed: int = 0, root: Optional[Path] = None, real_shift: float = 0.15) -> None:
+        if len(shape) != dim:
+            raise ValueError(f"training shape {shape} is not {dim}D")
+        self.dim, self.shape, self.batch = dim, tuple(shape), batch
+        self.real_shift = float(real_shift)  # per-image translation of real volumes (norm units)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.real = RealVolumes(root) if real_fraction > 0 else None
+        self.real_fraction = real_fraction if self.real is not None and len(self.real) else 0.0
+
+    def describe(self) -> dict:
+        groups = {} if self.real is None else {k: len(v) for k, v in self.real.groups.items()}
+        return {"synthetic": "SynthMorph-style label maps", "real_fraction": self.real_fraction,
+                "real_volumes": groups, "real_files": [] if self.real is None else self.real.names, "shape": list(self.shape),
+                "real_shift": self.real_shift,
+                "excluded": {"prostate_cases": sorted(HOLDOUT.prostate_cases), "files": sorted(HOLDOUT.files)}}
+
+    def one(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.gen
+        if float(torch.rand(1, generator=g)) < self.real_fraction:
+            group = list(self.real.groups)[int(torch.randint(len(self.real.groups), (1,), generator=g))]
+            vols = self.real.groups[group]
+            i, j = torch.randint(len(vols), (2,), generator=g).tolist()
+            axis = None if self.dim == 3 else int(torch.randint(3, (1,), generator=g))
+            a = self.real.sample(*vols[i], group, self.shape, g, axis, self.real_shift)
+            b = self.real.sample(*vols[j], group, self.shape, g, axis, self.real_shift)
+        else:
+            base = synthetic_image(self.shape, g)
+            a = coords.sample(base, random_map(self.shape, g, 0.08, 0.1), padding_mode="zeros")
+            b = coords.sample(base, random_map(self.shape, g, 0.08, 0.1), padding_mode="zeros")
+        return corrupt(a, g), corrupt(b, g)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            pairs = [self.one() for _ in range(self.batch)]
+            yield {"moving": torch.cat([p[0] for p in pairs]), "fixed": torch.cat([p[1] for p in pairs])}
