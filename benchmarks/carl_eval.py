@@ -2,22 +2,23 @@
 
 Each variant is a runner (``api.register`` -> SimpleITK displacement field) added to
 :data:`benchmarks.peers.RUNNERS`, so Dice, TRE, folds and wall time are measured exactly as for
-the classical peers. Writes ``carl_eval.json`` and prints the summary table.
+the classical peers. Writes ``results.json`` and ``results.md`` into a new run folder
+``benchmarks/results/<date>-carl-eval/`` (``--out`` to choose another) and prints the summary table.
 
-    python -m benchmarks.carl_eval oasis prostate --io-steps 0 50 [--peers demons]
+    python -m benchmarks carl_eval oasis prostate --io-steps 0 50 [--peers sitk_demons]
+    python -m benchmarks carl_eval --timing        # network and IO seconds on the OASIS pair
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import numpy as np
-
-from benchmarks import peers
+from benchmarks import new_run_dir, peers, provenance, write_run
 from benchmarks.tasks import cases
 from napari_register.api import register
+from napari_register.data import data_root
 
 
 def carl_runner(io_steps: int, checkpoint: str | None) -> peers.Peer:
@@ -37,7 +38,6 @@ def timing(checkpoint: str | None, io_steps: int, threads: int) -> dict[str, flo
 
     import torch
 
-    from benchmarks.tasks import data_root
     from napari_register.api import iter_register
 
     torch.set_num_threads(threads)
@@ -62,19 +62,20 @@ def timing(checkpoint: str | None, io_steps: int, threads: int) -> dict[str, flo
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("tasks", nargs="+", help="benchmark tasks, e.g. oasis prostate")
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks carl_eval", description=__doc__.splitlines()[0])
+    p.add_argument("tasks", nargs="*", default=["oasis"], help="benchmark tasks, e.g. oasis prostate")
     p.add_argument("--io-steps", type=int, nargs="+", default=[0, 50])
     p.add_argument("--checkpoint", help="CARL checkpoint (default: the shipped one)")
     p.add_argument("--peers", default="", help="comma-separated classical peers to run in the same process")
-    p.add_argument("--out", default=str(Path(__file__).with_name("carl_eval.json")))
+    p.add_argument("--out", type=Path, help="run folder (default: a new benchmarks/results/<date>-carl-eval/)")
     p.add_argument("--timing", action="store_true", help="only time the network and IO on the OASIS pair")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.timing:
         print(json.dumps(timing(args.checkpoint, max(args.io_steps), args.threads)))
         return
+    record = provenance("carl_eval", argv)
     names = []
     for steps in args.io_steps:
         name = f"carl_io{steps}"
@@ -90,9 +91,9 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     summary = peers.summarise(rows)
-    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2,
-                                         default=lambda o: float(o) if isinstance(o, np.floating) else str(o)))
-    print(peers.format_table(summary))
+    out = args.out or new_run_dir("carl-eval")
+    print(write_run(out, record, {"rows": rows, "summary": summary}, peers.format_table(summary),
+                    title="CARL and CARL + IO"))
 
 
 if __name__ == "__main__":

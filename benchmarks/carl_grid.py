@@ -6,20 +6,22 @@ a quarter of it) and scores each size through the shared harness, with the affin
 default pipeline) and without IO. The 3D list starts at the training grid's token count (12x14x12);
 the 2D one holds the training grid (40^2) and one coarser grid.
 
-    python -m benchmarks.carl_grid --tasks oasis prostate --tokens3d 2016 4096 8000 13824
-    python -m benchmarks.carl_grid --tasks histology photos --tokens2d 1024 1600 2304 4096
+    python -m benchmarks carl_grid --tasks oasis prostate --tokens3d 2016 4096 8000 13824
+    python -m benchmarks carl_grid --tasks histology photos --tokens2d 1024 1600 2304 4096
 
-Writes ``carl_grid.json`` and ``carl_grid.md`` (next to this file unless ``--out``).
+Writes ``results.json`` and ``results.md`` into a new run folder ``benchmarks/results/<date>-carl-grid/``
+(``--out`` to choose another).
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from benchmarks import peers
+from benchmarks import new_run_dir, peers, provenance, write_run
 from benchmarks.run import METRIC, ours
 from benchmarks.tasks import cases, load
 
@@ -70,21 +72,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks carl_grid", description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["oasis", "prostate"])
     ap.add_argument("--tokens3d", type=int, nargs="+", default=[12 * 14 * 12, 16 ** 3, 20 ** 3, 24 ** 3])
     ap.add_argument("--tokens2d", type=int, nargs="+", default=[32 ** 2, 40 ** 2, 48 ** 2, 64 ** 2])
     ap.add_argument("--checkpoint", help="CARL checkpoint (default: the shipped one for the dimension)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("carl_grid"))
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="run folder (default: a new benchmarks/results/<date>-carl-grid/)")
+    args = ap.parse_args(argv)
+    record = provenance("carl_grid", argv)
     rows = sweep(args.tasks, {3: args.tokens3d, 2: args.tokens2d}, args.checkpoint)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=lambda o: float(o) if isinstance(
-        o, np.floating) else str(o)))
-    md = table(rows)
-    args.out.with_suffix(".md").write_text(f"# CARL at other grid sizes\n\n`python -m benchmarks.carl_grid "
-                                           f"--tasks {' '.join(args.tasks)}`\n\n{md}\n")
-    print(md)
+    out = args.out or new_run_dir("carl-grid")
+    print(write_run(out, record, {"rows": rows}, table(rows), title="CARL at other grid sizes"))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ maps fixed physical points to moving physical points (ITK's direction, the one `
 Our own methods join by adding a runner to ``RUNNERS`` (e.g. one wrapping ``api.register`` and
 exporting its field as a ``sitk.DisplacementFieldTransform``).
 
-Run: ``python -m benchmarks.peers oasis prostate --peers ants_synonly,elastix_bspline``.
+Run: ``python -m benchmarks peers oasis prostate --peers ants_synonly,elastix_bspline``.
 Threads: ``NAPARI_REGISTER_BENCH_THREADS`` (default 2), set before ITK is loaded.
 """
 from __future__ import annotations
@@ -385,7 +385,8 @@ def format_table(summary: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Run the peer registration methods on the benchmark tasks")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks peers",
+                                 description="Run the peer registration methods on the benchmark tasks")
     ap.add_argument("tasks", nargs="+", help="oasis prostate mr_us histology")
     ap.add_argument("--peers", default="", help="comma-separated runner names (default: all that apply)")
     ap.add_argument("--in-process", action="store_true",

@@ -1,31 +1,29 @@
 """The benchmark suite: our methods and the peers, side by side, in one run, on the real data.
 
-    python -m benchmarks.run [--quick] [--tasks oasis prostate mr_us histology photos] [--device cpu]
-    napari-register bench [--quick] ...
+    python -m benchmarks run [--quick] [--tasks oasis prostate mr_us histology photos] [--device cpu]
 
 Every method goes through the same harness (:mod:`benchmarks.peers`): a runner returns a SimpleITK
 transform (fixed -> moving), the harness times it, records peak memory, warps the labels, maps the
-landmarks and measures folding. Writes ``results.json``, ``results.md`` and one
-``plot_<task>.png`` (accuracy against time) into ``--out`` (default: this folder).
+landmarks and measures folding. Writes ``results.json``, ``results.md`` (both with the command and
+the code version) and one ``plot_<task>.png`` (accuracy against time) into a new run folder
+``benchmarks/results/<date>-<name>/`` (``--out`` to choose another folder).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from benchmarks import peers, photos
-from benchmarks.tasks import Case, Pair, cases, load, skip_reason
+from benchmarks import new_run_dir, peers, photos, provenance, write_run
+from benchmarks.tasks import Case, Pair, cases, load
+from napari_register.data import skip_reason
 from napari_register.methods.carl import BRAIN_SETTINGS
 
-HERE = Path(__file__).resolve().parent
 DEVICE = "cpu"
+TASKS = ["oasis", "prostate", "mr_us", "histology", "photos"]
 
 # Per task, which accuracy number the table leads with, and whether higher is better.
 METRIC = {"oasis": ("dice", True), "prostate": ("dice", True), "mr_us": ("dice", True),
@@ -143,8 +141,8 @@ def run(tasks: list[str], quick: bool, only: Optional[list[str]] = None, skip: t
     return rows
 
 
-def markdown(summary: list[dict[str, Any]], header: str) -> str:
-    lines = [header, ""]
+def markdown(summary: list[dict[str, Any]]) -> str:
+    lines = []
     for task in dict.fromkeys(s["task"] for s in summary):
         key, higher = METRIC.get(task, ("dice", True))
         rows = [s for s in summary if s["task"] == task]
@@ -197,43 +195,43 @@ def plot(summary: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+def run_name(tasks: list[str], quick: bool) -> str:
+    """The run folder's name after the date: ``suite`` / ``quick`` for every task, else the tasks."""
+    which = "suite" if sorted(tasks) == sorted(TASKS) else "-".join(tasks)
+    return f"{which}-quick" if quick and which != "suite" else ("quick" if quick else which)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="napari-register bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", nargs="+", default=["oasis", "prostate", "mr_us", "histology", "photos"])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--quick", action="store_true", help="a subset that finishes in minutes")
     ap.add_argument("--methods", nargs="+", help="only these runners (names of peers.RUNNERS / run.OURS)")
-    ap.add_argument("--out", default=str(HERE), help="folder for results.json/.md and plots")
+    ap.add_argument("--out", type=Path, help="folder for results.json/.md and plots "
+                    "(default: a new benchmarks/results/<date>-<name>/)")
     ap.add_argument("--device", default="cpu", help="device for our methods (cpu, cuda, auto)")
     ap.add_argument("--skip", nargs="*", default=[], help="task:method pairs to leave out, e.g. oasis:carl_io")
     args = ap.parse_args(argv)
     global DEVICE
     DEVICE = args.device
+    record = provenance("run", argv)
     reason = skip_reason()
     if reason and any(t != "photos" for t in args.tasks):
         print(f"skipping the real-data tasks: {reason}")
         args.tasks = [t for t in args.tasks if t == "photos"]
-    out = Path(args.out)
+    out = args.out or new_run_dir(run_name(args.tasks, args.quick))
     out.mkdir(parents=True, exist_ok=True)
+    print(f"writing {out}", flush=True)
     t0 = time.time()
-    import os
-    import sys
-
-    command = " ".join(sys.argv[1:] if argv is None else argv)
 
     def save(rows: list[dict[str, Any]]) -> str:
         summary = peers.summarise(rows)
-        header = (f"Measured {date.today().isoformat()} on {platform.processor() or platform.machine()}, "
-                  f"{os.cpu_count()} cores, {peers.THREADS} threads, our methods on {DEVICE}; command: "
-                  f"`python -m benchmarks.run {command}`; {time.time() - t0:.0f} s so far.")
-        (out / "results.json").write_text(json.dumps({"header": header, "rows": rows, "summary": summary},
-                                                     indent=1))
-        text = markdown(summary, header)
-        (out / "results.md").write_text(text)
+        note = f"{peers.THREADS} threads, our methods on {DEVICE}; {time.time() - t0:.0f} s so far."
         plot(summary, out)
-        return text
+        return write_run(out, record, {"rows": rows, "summary": summary}, markdown(summary), note=note)
 
     rows = run(args.tasks, args.quick, args.methods, tuple(args.skip), save)
     print(save(rows))
+    print(f"results in {out}")
     return 0
 
 

@@ -5,9 +5,10 @@ image sits; a displacement-only U-Net in the same TwoStep/Down stack, trained th
 predict ever larger displacements and degrades. 3D: the OASIS pair (tissue Dice); 2D: the CIMA
 histology pair Ki67 -> CD31 (landmark TRE). Both images are zero-padded by the largest shift along
 the shift axis so no content leaves the grid; the fixed image (and its labels/landmarks) is then
-rolled by the shift. Writes ``shift_experiment.{md,json,png}`` next to this file.
+rolled by the shift. Writes ``results.json``, ``results.md`` and ``plot_shift.png`` into a new run
+folder ``benchmarks/results/<date>-shift-experiment/`` (``--out`` to choose another).
 
-    python benchmarks/shift_experiment.py --grid-sweep --also-3d "carl-3d shipped=carl-3d" \
+    python -m benchmarks shift_experiment --grid-sweep --also-3d "carl-3d shipped=carl-3d" \
         "U-Net baseline=benchmarks/shift_nets/unet-3d-3650.pt" "CARL wide=benchmarks/shift_nets/carl-3d-wide-650.pt" --symmetrised-2d
 
 The compared networks are kept in ``benchmarks/shift_nets`` with their cards (training commands):
@@ -19,26 +20,26 @@ trained by its recipe.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from benchmarks import HERE, new_run_dir, provenance, write_run
 from napari_register import coords, weights
-from napari_register.api import normalise
+from napari_register.data import data_root
 from napari_register.image import read_image
+from napari_register.intensity import normalise
 from napari_register.methods.blocks import Symmetrised
 from napari_register.methods.carl import load_net
 from napari_register.metrics import dice
-from napari_register.synth import DATA_ROOT
 
-HERE = Path(__file__).parent
-NETS = HERE / "shift_nets"
+NETS = HERE / "shift_nets"  # the compared networks with their cards (inputs, not results)
 SHIFTS = (0, 10, 20, 30, 40)
-OASIS = DATA_ROOT / "brain3d/oasis_pair"
-HISTO = DATA_ROOT / "histology2d/29-041-Izd2-w35-{}-les1"
+OASIS = data_root() / "brain3d/oasis_pair"
+HISTO = data_root() / "histology2d/29-041-Izd2-w35-{}-les1"
 HISTO_MOVING, HISTO_FIXED = "Ki67-7", "CD31-3"
 HISTO_FACTOR = 4  # histology is shifted at 1/4 of its 1780 x 1470 pixels, working grid at 1/8
 
@@ -214,8 +215,9 @@ def grid_sweep(net: torch.nn.Module, factors: tuple[float, ...] = (2.5, 2.0, 1.6
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks shift_experiment",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--carl-3d", default=str(NETS / "carl-3d-650.pt"))
     p.add_argument("--carl-2d", default="carl-2d")
     p.add_argument("--baseline-3d", default=str(NETS / "unet-3d-650.pt"))
@@ -231,19 +233,19 @@ def main() -> None:
     p.add_argument("--skip-3d", action="store_true")
     p.add_argument("--grid-sweep", action="store_true", help="also: the shipped carl-3d at several working grids")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(HERE / "shift_experiment"))
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, help="run folder (default: a new benchmarks/results/<date>-shift-experiment/)")
+    args = p.parse_args(argv)
+    record = provenance("shift_experiment", argv)
     torch.set_num_threads(args.threads)
     nets3 = {} if args.skip_3d else networks(3, args.carl_3d, args.baseline_3d, args.also_3d)
     nets2 = {} if args.skip_2d else networks(2, args.carl_2d, args.baseline_2d, args.also_2d, args.symmetrised_2d)
     rows3 = oasis_rows(nets3, args.axis_3d) if nets3 else []
     rows2 = histology_rows(nets2, args.axis_2d) if nets2 else []
     sweep = grid_sweep(load("carl-3d", 3)[0]) if args.grid_sweep else []
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"oasis": rows3, "histology": rows2, "grid_sweep": sweep},
-                                                   indent=2) + "\n")
-    plot(rows3, rows2, list({**nets3, **nets2}), out.with_suffix(".png"))
-    lines = ["# Shift experiment", "", f"Fixed image translated along array axis {args.axis_3d} (3D) / "
+    out = args.out or new_run_dir("shift-experiment")
+    out.mkdir(parents=True, exist_ok=True)
+    plot(rows3, rows2, list({**nets3, **nets2}), out / "plot_shift.png")
+    lines = [f"Fixed image translated along array axis {args.axis_3d} (3D) / "
              f"{args.axis_2d} (2D); both images zero-padded by {max(SHIFTS)}."]
     if rows3:
         lines += ["", "## OASIS pair, mean tissue Dice (labels 1, 2)", "", *table(rows3, list(nets3), "Dice")]
@@ -261,8 +263,8 @@ def main() -> None:
                   "| voxel mm | working shape | Xi tokens | Dice | forward s |", "|---|---|---|---|---|"]
         lines += [f"| {r['voxel_mm']} | {r['working_shape']} | {r['xi_tokens']} | {r['dice']:.3f} | "
                   f"{r['forward_s']:.2f} |" for r in sweep]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_run(out, record, {"oasis": rows3, "histology": rows2, "grid_sweep": sweep}, "\n".join(lines),
+                    title="Shift experiment"))
 
 
 if __name__ == "__main__":

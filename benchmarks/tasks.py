@@ -1,4 +1,4 @@
-"""Benchmark tasks on the real data in ``../shared/data``: cases, loaders and ground truth.
+"""Benchmark tasks on the real data (``napari_register.data.data_root()``): cases, loaders, ground truth.
 
 A :class:`Case` names files; :func:`load` turns it into a :class:`Pair` of SimpleITK images with
 the quirks of each data set fixed (label geometry, channel-last masks, RGB photos). Every result is
@@ -19,7 +19,6 @@ Tasks (``TASKS``):
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,23 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from napari_register import metrics
-
-DATA_ENV = "NAPARI_REGISTER_DATA"
-_REPO = Path(__file__).resolve().parents[1]
-
-
-def data_root() -> Path:
-    """Folder of the shared data: ``$NAPARI_REGISTER_DATA`` or ``<repo>/../shared/data``."""
-    return Path(os.environ.get(DATA_ENV) or _REPO.parent / "shared" / "data")
-
-
-def skip_reason() -> Optional[str]:
-    """Why the benchmark cannot run here (for ``pytest.skip``), or ``None`` when the data is present."""
-    root = data_root()
-    if not (root / "README.md").is_file():
-        return (f"benchmark data not found at {root}; set {DATA_ENV} to the folder holding "
-                "brain3d/, prostate3d/ and histology2d/")
-    return None
+# The data root and the cases held out of training exist once, in the product's data package.
+from napari_register.data import HISTOLOGY_LESIONS, MR_US_CASES, PROSTATE_PAIRS, data_root
 
 
 @dataclass(frozen=True)
@@ -98,9 +82,6 @@ def oasis_cases() -> list[Case]:
                  dice_labels=((0, 1), (0, 2)))]
 
 
-PROSTATE_PAIRS = ((0, 1), (3, 8), (9, 11), (12, 14), (17, 18))  # (moving, fixed) case numbers
-
-
 def prostate_cases() -> list[Case]:
     d = data_root() / "prostate3d" / "unpaired_train"
     out = []
@@ -113,7 +94,7 @@ def prostate_cases() -> list[Case]:
     return out
 
 
-def mr_us_cases(numbers: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[Case]:
+def mr_us_cases(numbers: tuple[int, ...] = MR_US_CASES) -> list[Case]:
     d = data_root() / "prostate3d" / "paired_mr_us_train"
     return [Case("mr_us", f"mr_us_{c:02d}", 3, True,
                  moving=d / "moving_images" / f"case{c:06d}.nii.gz", fixed=d / "fixed_images" / f"case{c:06d}.nii.gz",
@@ -128,13 +109,17 @@ HISTOLOGY_STAINS = ("CD31-3", "Cc10-5", "Ki67-7", "proSPC-4")
 
 def histology_cases(shrink: int = 4) -> list[Case]:
     d = data_root() / "histology2d"
-    stem = "29-041-Izd2-w35-{}-les1"
-    fixed = stem.format("He")
-    return [Case("histology", f"histology_{s.split('-')[0]}_to_HE", 2, True,
-                 moving=d / f"{stem.format(s)}.jpg", fixed=d / f"{fixed}.jpg",
-                 moving_points=d / f"{stem.format(s)}.csv", fixed_points=d / f"{fixed}.csv",
-                 shrink=shrink, tre_unit="px")
-            for s in HISTOLOGY_STAINS]
+    out = []
+    for les in HISTOLOGY_LESIONS:
+        stem = "29-041-Izd2-w35-{}-" + les
+        fixed = stem.format("He")
+        suffix = f"_{les}" if len(HISTOLOGY_LESIONS) > 1 else ""
+        out += [Case("histology", f"histology_{s.split('-')[0]}_to_HE{suffix}", 2, True,
+                     moving=d / f"{stem.format(s)}.jpg", fixed=d / f"{fixed}.jpg",
+                     moving_points=d / f"{stem.format(s)}.csv", fixed_points=d / f"{fixed}.csv",
+                     shrink=shrink, tre_unit="px")
+                for s in HISTOLOGY_STAINS]
+    return out
 
 
 TASKS: dict[str, Callable[[], list[Case]]] = {

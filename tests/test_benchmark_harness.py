@@ -1,18 +1,54 @@
-"""The benchmark harness on the real data: unregistered scores match the figures measured with the
-peers' own tools (a harness bug would show here first). Skips without ../shared/data."""
+"""The benchmark package (``python -m benchmarks``) and its harness on the real data: unregistered
+scores match the figures measured with the peers' own tools (a harness bug would show here first).
+The real-data tests skip without ../shared/data."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from napari_register.data import PROSTATE_PAIRS, skip_reason
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the benchmarks package lives in the clone, not in the installed product
+import benchmarks  # noqa: E402
 from benchmarks import photos  # noqa: E402
-from benchmarks.tasks import cases, load, skip_reason  # noqa: E402
+from benchmarks.__main__ import COMMANDS  # noqa: E402
+from benchmarks.__main__ import main as bench_main  # noqa: E402
+from benchmarks.tasks import cases  # noqa: E402
 
 needs_data = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+
+
+def test_every_command_has_help(capsys):
+    """``python -m benchmarks --help`` lists the commands, and each one answers ``--help``."""
+    assert bench_main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in listing
+        with pytest.raises(SystemExit) as stop:
+            bench_main([name, "--help"])
+        assert stop.value.code == 0
+        assert f"python -m benchmarks {name}" in capsys.readouterr().out
+
+
+def test_cases_come_from_the_holdout_list():
+    """The benchmark evaluates exactly the cases the product's data package holds out of training."""
+    names = [c.name for c in cases("prostate")]
+    assert names == [f"prostate_{m:02d}_to_{f:02d}" for m, f in PROSTATE_PAIRS]
+
+
+def test_results_index_names_every_run(tmp_path):
+    """Every run folder is listed in benchmarks/results/README.md, and a new run gets a fresh folder."""
+    index = (benchmarks.RESULTS / "README.md").read_text()
+    runs = [d.name for d in benchmarks.RESULTS.iterdir() if d.is_dir()]
+    assert runs
+    assert [r for r in runs if not re.search(rf"\b{re.escape(r)}\b", index)] == []
+    first, second = benchmarks.new_run_dir("quick", tmp_path), benchmarks.new_run_dir("quick", tmp_path)
+    assert first != second and first.is_dir() and second.name == first.name + "-2"
 
 
 @needs_data
@@ -27,7 +63,6 @@ def test_unregistered_scores(task, metric, expected):
 
 def test_photo_cases_have_the_true_homography():
     """moving(H x) == fixed(x) inside the patch, and identity scores the true corner offsets."""
-    pytest.importorskip("cv2", reason="the photo task needs the bench extra (opencv-python-headless)")
     pytest.importorskip("skimage", reason="the photo task reads scikit-image's bundled photos")
     pc = photos.cases("clean", n=1)[0]
     ys, xs = np.mgrid[40:150:7, 40:150:7]
