@@ -17,7 +17,7 @@ from .coords import Geometry, identity_map, resize_image, resize_map
 from .image import Image, ImageError, check_registrable, read_image
 from .intensity import normalise
 from .metrics import fold_fraction
-from .methods.registry import MethodOutput, get_method
+from .methods.registry import Method, MethodOutput, get_method
 from .progress import Cancelled, Progress
 from .transforms import Composite, DisplacementField, MatrixTransform, Transform, warp_image
 
@@ -113,7 +113,7 @@ def _physical_transform(out: MethodOutput, fixed: Geometry, init: MatrixTransfor
     return dense, dense
 
 
-def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method: str = "optimize",
+def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method: str | Method = "optimize",
                   checkpoint: str | Path | None = None, io_steps: int | None = None,
                   device: str | torch.device = "auto", cancel: Callable[[], bool] | None = None,
                   previews: bool = False, init: RegistrationResult | None = None,
@@ -128,7 +128,9 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     ``cancel``: polled at every progress step; when it returns True, :class:`Cancelled` is raised.
     ``previews``: progress steps that carry a map also carry ``progress.warped``, the moving image
     warped onto the working grid (the fixed image's extent at the method's resolution, for live display). ``init``: a previous result on the same pair
-    to continue from (instance optimisation of the current result).
+    to continue from (instance optimisation of the current result). ``method``: a registered name,
+    or a method instance to reuse (its network stays loaded across pairs; ``checkpoint`` and
+    ``options`` then belong to it and must be left out).
     """
     start = time.perf_counter()
     mov = _as_image(moving, "moving")
@@ -137,13 +139,21 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
         raise ImageError(f"moving image {mov.name} is {mov.ndim}D but fixed image {fix.name} is {fix.ndim}D; "
                          "register 2D with 2D and 3D with 3D")
     dev = resolve_device(device)
-    cls = get_method(method)
-    if fix.ndim not in cls.dims:
-        from .methods.registry import list_methods
+    if isinstance(method, Method):
+        if checkpoint is not None or options:
+            raise ValueError("pass checkpoint and options when creating the method instance, not with it")
+        algo, cls, dev = method, type(method), method.device
+        if algo.dim != fix.ndim:
+            raise ValueError(f"the {algo.name!r} instance registers {algo.dim}D images, these are {fix.ndim}D")
+    else:
+        cls = get_method(method)
+        if fix.ndim not in cls.dims:
+            from .methods.registry import list_methods
 
-        raise ValueError(f"method {method!r} does not register {fix.ndim}D images; "
-                         f"methods for {fix.ndim}D: {', '.join(list_methods(fix.ndim))}")
-    algo = cls(fix.ndim, dev, checkpoint, **(options or {}))
+            raise ValueError(f"method {method!r} does not register {fix.ndim}D images; "
+                             f"methods for {fix.ndim}D: {', '.join(list_methods(fix.ndim))}")
+        algo = cls(fix.ndim, dev, checkpoint, **(options or {}))
+    method = cls.name
     steps = cls.default_io_steps if io_steps is None else int(io_steps)
     if steps < 0:
         raise ValueError(f"io_steps must be >= 0, got {steps}")
