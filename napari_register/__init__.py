@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "register": "api", "iter_register": "api", "RegistrationResult": "api", "Cancelled": "progress",
-    "read_image": "image", "write_image": "image", "Image": "image", "ImageError": "image",
+    "read_image": "image", "write_image": "image", "Image": "image", "ImageError": "errors", "InputError": "errors",
     "list_methods": "methods.registry", "get_method": "methods.registry", "Progress": "progress",
     "DisplacementField": "transforms", "MatrixTransform": "transforms", "warp_image": "transforms",
 }

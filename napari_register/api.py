@@ -13,12 +13,14 @@ from typing import Any, Callable, Generator, Optional
 import numpy as np
 import torch
 
-from .coords import Geometry, identity_map, resize_image, resize_map
-from .image import Image, ImageError, check_registrable, read_image
+from .coords import Geometry, apply_h, identity_map, resize_image, resize_map
+from .errors import ImageError, InputError, ResourceError
+from .image import Image, check_registrable, read_image
 from .intensity import normalise
 from .metrics import fold_fraction
-from .methods.registry import Method, MethodOutput, get_method
+from .methods.registry import Method, MethodOutput, check_options, get_method, list_methods
 from .progress import Cancelled, Progress
+from .resources import plan_run
 from .transforms import Composite, DisplacementField, MatrixTransform, Transform, warp_image
 
 
@@ -40,6 +42,9 @@ class RegistrationResult:
     moving: Image
     output: MethodOutput = field(repr=False)  # working-resolution output, to continue from
     loss: Optional[float] = None
+    notes: list[str] = field(default_factory=list)  # what the run changed or noticed (see Progress.message)
+    # a homography fitted to a dense result (moving_from_fixed, physical; pixels for photos), to export
+    homography: Optional[MatrixTransform] = None
 
     def warp_labels(self, labels: Image) -> Image:
         """Warp a moving label map (nearest neighbour, label set kept) onto the fixed grid."""
@@ -60,9 +65,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+        raise InputError("device 'cuda' asked for but no CUDA GPU is available; use --device cpu or auto")
+    if not isinstance(device, str) or (device not in ("cpu", "cuda") and not device.startswith("cuda:")):
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -77,6 +82,52 @@ def _as_image(x: Image | str | Path, role: str) -> Image:
     return img
 
 
+def make_method(method: str | Method, dim: int, device: torch.device, checkpoint: str | Path | None,
+                 options: dict[str, Any] | None) -> Method:
+    """The method instance for ``dim``-D images; every way the name, checkpoint or options can be
+    wrong is an :class:`InputError` (a :class:`CheckpointError` for the checkpoint)."""
+    if isinstance(method, Method):
+        if checkpoint is not None or options:
+            raise InputError("pass checkpoint and options when creating the method instance, not with it")
+        if method.dim != dim:
+            raise InputError(f"the {method.name!r} instance registers {method.dim}D images, these are {dim}D")
+        return method
+    cls = get_method(method)
+    if dim not in cls.dims:
+        raise InputError(f"method {method!r} does not register {dim}D images; "
+                         f"methods for {dim}D: {', '.join(list_methods(dim))}")
+    opts = check_options(cls, options)
+    try:
+        return cls(dim, device, checkpoint, **opts)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as e:  # an option of the wrong type or out of range
+        if not opts:
+            raise
+        raise InputError(f"options {opts} for method {method!r}: {e}") from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's (torch: RuntimeError; numpy: MemoryError)."""
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def _overlap_note(moving: Geometry, fixed: Geometry) -> Optional[str]:
+    """A note when the two images share no physical space (different scanner frames, or a wrong origin)."""
+    boxes = []
+    for g in (moving, fixed):
+        corners = np.array(np.meshgrid(*[[0, s - 1] for s in g.shape], indexing="ij")).reshape(g.ndim, -1).T
+        pts = apply_h(g.phys_from_vox(), corners.astype(np.float64))
+        boxes.append((pts.min(0), pts.max(0)))
+    (lo_m, hi_m), (lo_f, hi_f) = boxes
+    if np.all(lo_m <= hi_f) and np.all(lo_f <= hi_m):
+        return None
+    gap = float(np.linalg.norm(moving.center_phys() - fixed.center_phys()))
+    return (f"the moving and fixed images do not overlap in physical space (centres {gap:.1f} mm apart); "
+            "the moving image is centred on the fixed one first - check their headers' origins if they should overlap")
+
+
 def _working_tensor(image: Image, transform: Transform | None, fixed: Geometry, shape: tuple[int, ...],
                     device: torch.device) -> torch.Tensor:
     """Luminance, normalised, resampled onto the fixed grid (through ``transform``), then to ``shape``."""
@@ -87,15 +138,17 @@ def _working_tensor(image: Image, transform: Transform | None, fixed: Geometry, 
     return resize_image(t, shape).to(device)
 
 
+def _physical_matrix(matrix: torch.Tensor, fixed: Geometry, shape: tuple[int, ...]) -> np.ndarray:
+    """A working-grid norm-frame matrix as fixed phys -> moving phys (centre-aligned moving frame)."""
+    work = fixed.with_shape(shape)
+    return work.phys_from_norm() @ matrix.detach().double().cpu().numpy() @ work.norm_from_phys()
+
+
 def _physical_transform(out: MethodOutput, fixed: Geometry, init: MatrixTransform, shape: tuple[int, ...]
                         ) -> tuple[Transform, DisplacementField]:
     """Working-resolution output -> physical ``moving_from_fixed`` transform and its dense field."""
-    work = fixed.with_shape(shape)
     if out.matrix is not None:
-        m = out.matrix.detach().double().cpu().numpy()
-        # fixed phys -> working norm -> (method) -> working norm -> phys (moving, centre-aligned) -> moving
-        phys = work.phys_from_norm() @ m @ work.norm_from_phys()
-        transform: Transform = Composite([MatrixTransform(phys), init])
+        transform: Transform = Composite([MatrixTransform(_physical_matrix(out.matrix, fixed, shape)), init])
         return transform, transform.to_field(fixed)
     d = fixed.ndim
     phi = resize_map(out.map.detach().float().cpu(), fixed.shape)[0]  # (d, *shape) norm, fixed grid
@@ -131,75 +184,120 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     to continue from (instance optimisation of the current result). ``method``: a registered name,
     or a method instance to reuse (its network stays loaded across pairs; ``checkpoint`` and
     ``options`` then belong to it and must be left out).
+
+    Bad input raises :class:`InputError` (file, option, checkpoint, too little memory) before any heavy
+    work. Before allocating, the run's memory is estimated against the device's free memory: when it
+    does not fit it moves to the CPU or a coarser working grid, saying so in a ``"note"`` progress
+    step (also in ``result.notes``); CUDA running out of memory mid-run falls back to the CPU the same way.
     """
     start = time.perf_counter()
+    notes: list[str] = []
+
+    def note(text: str) -> Progress:
+        notes.append(text)
+        return Progress("note", 0, 0, message=text)
+
     mov = _as_image(moving, "moving")
     fix = _as_image(fixed, "fixed")
     if mov.ndim != fix.ndim:
         raise ImageError(f"moving image {mov.name} is {mov.ndim}D but fixed image {fix.name} is {fix.ndim}D; "
                          "register 2D with 2D and 3D with 3D")
     dev = resolve_device(device)
-    if isinstance(method, Method):
-        if checkpoint is not None or options:
-            raise ValueError("pass checkpoint and options when creating the method instance, not with it")
-        algo, cls, dev = method, type(method), method.device
-        if algo.dim != fix.ndim:
-            raise ValueError(f"the {algo.name!r} instance registers {algo.dim}D images, these are {fix.ndim}D")
-    else:
-        cls = get_method(method)
-        if fix.ndim not in cls.dims:
-            from .methods.registry import list_methods
-
-            raise ValueError(f"method {method!r} does not register {fix.ndim}D images; "
-                             f"methods for {fix.ndim}D: {', '.join(list_methods(fix.ndim))}")
-        algo = cls(fix.ndim, dev, checkpoint, **(options or {}))
+    reused = isinstance(method, Method)
+    algo = make_method(method, fix.ndim, dev, checkpoint, options)
+    dev, cls = algo.device, type(algo)
     method = cls.name
     steps = cls.default_io_steps if io_steps is None else int(io_steps)
     if steps < 0:
-        raise ValueError(f"io_steps must be >= 0, got {steps}")
+        raise InputError(f"io_steps must be >= 0, got {steps}")
     init_tx = centre_alignment(mov.geometry, fix.geometry)
     shape = tuple(algo.working_shape(fix.shape, fix.geometry.spacing))
     init_out = None
     if init is not None:
         if init.output.map.shape[2:] != shape or init.method != method:
-            raise ValueError("init: the previous result comes from another method or working grid; "
+            raise InputError("init: the previous result comes from another method or working grid; "
                              "continue only a result of the same method on the same pair")
         init_out = init.output
+    else:  # a continued run must keep its grid and device; a fresh one is planned to fit
+        plan = plan_run(algo, fix.shape, fix.geometry.spacing, shape, steps, dev, can_move=not reused)
+        shape = plan.shape
+        if plan.device != dev:
+            dev = plan.device
+            algo = make_method(method, fix.ndim, dev, checkpoint, options)
+        for text in plan.notes:
+            yield note(text)
+    overlap = _overlap_note(mov.geometry, fix.geometry)
+    if overlap:
+        yield note(overlap)
     yield Progress("preparing", 0, 1)
-    fixed_t = _working_tensor(fix, None, fix.geometry, shape, dev)
-    moving_t = _working_tensor(mov, init_tx, fix.geometry, shape, dev)
-    gen = algo.iter_run(moving_t, fixed_t, steps, init=init_out)
-    while True:
-        if cancel is not None and cancel():
-            gen.close()
-            raise Cancelled("registration cancelled")
-        try:
-            progress = next(gen)
-        except StopIteration as stop:
-            out = stop.value
-            break
-        if previews and progress.map is not None:
-            # On the working grid (same physical extent): a full-resolution warp per preview would
-            # cost seconds on a brain and delay Cancel.
-            work = fix.geometry.with_shape(shape)
-            tx, _ = _physical_transform(MethodOutput(map=progress.map), work, init_tx, shape)
-            progress.warped = warp_image(mov, tx, work)
-            if cancel is not None and cancel():
-                gen.close()
-                raise Cancelled("registration cancelled")
-        yield progress
+    try:
+        out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, init_out, dev, cancel, previews)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        grid = "x".join(map(str, shape))
+        if dev.type == "cpu" or reused or init is not None:
+            on_cpu = "" if dev.type == "cpu" else ", or run on the CPU (--device cpu)"
+            raise ResourceError(f"{method} ran out of memory on {dev.type.upper()} at a {grid} working grid; "
+                                f"close other programs or downsample the images{on_cpu}") from None
+        yield note(f"{dev.type.upper()} ran out of memory ({method} at a {grid} working grid); "
+                   "running on the CPU instead (slower)")
+        del algo
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # give back what the failed attempt held
+        dev = torch.device("cpu")
+        algo = make_method(method, fix.ndim, dev, checkpoint, options)
+        out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, None, dev, cancel, previews)
     if not isinstance(out, MethodOutput):
         raise TypeError(f"method {method!r} returned {type(out).__name__}, expected MethodOutput")
+    # the full-resolution work takes seconds on a large volume: Cancel is honoured between its parts
     yield Progress("finishing", 0, 1)
+    _check_cancel(cancel)
     transform, dense = _physical_transform(out, fix.geometry, init_tx, shape)
+    _check_cancel(cancel)
     warped = warp_image(mov, transform, fix.geometry)
+    _check_cancel(cancel)
     jac = dense.jacobian()
+    homography = None if out.homography is None else MatrixTransform(
+        init_tx.matrix @ _physical_matrix(out.homography, fix.geometry, shape))
     return RegistrationResult(
         transform=transform, field=dense, warped=warped,
         jacobian=Image(jac, fix.geometry), fold_fraction=fold_fraction(jac),
         seconds=time.perf_counter() - start, method=method,
         checkpoint=algo.checkpoint_name, io_steps=steps, device=str(dev),
-        fixed=fix, moving=mov, output=out, loss=out.loss)
+        fixed=fix, moving=mov, output=out, loss=out.loss, notes=notes, homography=homography)
+
+
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("registration cancelled")
+
+
+def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, shape: tuple[int, ...],
+                steps: int, init_out: MethodOutput | None, dev: torch.device,
+                cancel: Callable[[], bool] | None, previews: bool) -> Generator[Progress, None, Any]:
+    """The method's own loop on the working grid, polling ``cancel`` before every step (so a Cancel
+    costs at most the step under way) and adding previews; returns the method's output."""
+    fixed_t = _working_tensor(fix, None, fix.geometry, shape, dev)
+    moving_t = _working_tensor(mov, init_tx, fix.geometry, shape, dev)
+    gen = algo.iter_run(moving_t, fixed_t, steps, init=init_out)
+    try:
+        while True:
+            _check_cancel(cancel)
+            try:
+                progress = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if previews and progress.map is not None:
+                # On the working grid (same physical extent): a full-resolution warp per preview would
+                # cost seconds on a brain and delay Cancel.
+                work = fix.geometry.with_shape(shape)
+                tx, _ = _physical_transform(MethodOutput(map=progress.map), work, init_tx, shape)
+                progress.warped = warp_image(mov, tx, work)
+                _check_cancel(cancel)
+            yield progress
+    finally:
+        gen.close()
 
 
 def register(moving: Image | str | Path, fixed: Image | str | Path, method: str = "optimize",

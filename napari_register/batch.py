@@ -112,13 +112,9 @@ def read_pairs_csv(path: str | Path) -> list[dict[str, Optional[str]]]:
 @functools.lru_cache(maxsize=4)
 def _method(name: str, dim: int, device: str, checkpoint: Optional[str], options: str) -> Any:
     """One method instance (its network loaded once) per worker process and settings."""
-    from .api import resolve_device
-    from .methods.registry import get_method
+    from .api import make_method, resolve_device
 
-    cls = get_method(name)
-    if dim not in cls.dims:
-        raise ValueError(f"method {name!r} does not register {dim}D images")
-    return cls(dim, resolve_device(device), checkpoint, **json.loads(options))
+    return make_method(name, dim, resolve_device(device), checkpoint, json.loads(options))
 
 
 def _worker_device(device: str) -> str:
@@ -331,7 +327,9 @@ def run_batch(args: argparse.Namespace) -> int:
         if len(args.pairs) != 1:
             raise ValueError("give one pairs CSV (or --template T and the subject images)")
         pairs = read_pairs_csv(args.pairs[0])
-    options = json.loads(args.options) if args.options else None
+    from .methods.registry import check_options, get_method, parse_options
+
+    options = check_options(get_method(args.method), parse_options(args.options))  # fail now, not per pair
     table = register_many(pairs, args.out, method=args.method, checkpoint=args.checkpoint, io_steps=args.io_steps,
                           device=args.device, options=options, workers=args.workers, scheduler=args.scheduler,
                           progress=not args.quiet)

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import CheckpointError, MissingFileError
+
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 
@@ -27,12 +29,12 @@ def resolve(checkpoint: str | Path | None, default: str) -> Path:
         path = CHECKPOINT_DIR / f"{text}.pt"
         if not path.exists():
             shipped = sorted(p.stem for p in CHECKPOINT_DIR.glob("*.pt"))
-            raise FileNotFoundError(f"no shipped checkpoint named {text!r}; shipped: {shipped}; "
-                                    "or pass the path of a .pt file")
+            raise MissingFileError(f"no shipped checkpoint named {text!r}; shipped: {shipped}; "
+                                   "or pass the path of a .pt file")
         return path
     path = Path(text).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+        raise MissingFileError(f"checkpoint file {path} does not exist; check the path")
     return path
 
 
@@ -69,8 +71,56 @@ def save(path: str | Path, method: str, config: dict[str, Any], model: torch.nn.
     torch.save({"method": method, "config": config, "state_dict": state, "card": card}, tmp)
     tmp.replace(path)  # atomic: a crash mid-write never leaves a half checkpoint under the real name
     card_json = {**card, "sha256": sha256(path), "file": path.name}
-    path.with_suffix(".json").write_text(json.dumps(card_json, indent=2, default=str) + "\n")
+    tmp_card = path.with_suffix(".json.tmp")
+    tmp_card.write_text(json.dumps(card_json, indent=2, default=str) + "\n")
+    tmp_card.replace(path.with_suffix(".json"))
     return path
+
+
+def read_card(path: Path) -> dict[str, Any] | None:
+    """The ``.json`` card beside checkpoint ``path`` (None when there is none); a card that is not a
+    JSON object is refused, since it carries the checksum that vouches for the weights."""
+    card_path = path.with_suffix(".json")
+    if not card_path.exists():
+        return None
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint card {card_path} is not valid JSON ({e}); restore it from where the "
+                              "checkpoint came from (or retrain), or move it away to load the weights unchecked"
+                              ) from None
+    if not isinstance(card, dict) or not isinstance(card.get("sha256", ""), str):
+        raise CheckpointError(f"checkpoint card {card_path} is not a card (a JSON object with a sha256 string); "
+                              "restore it from where the checkpoint came from, or move it away")
+    return card
+
+
+def read_blob(path: Path) -> dict[str, Any]:
+    """The checkpoint's dict, loaded with ``weights_only=True``: tensors and plain values only, so a
+    file carrying code is refused without running it (never retry such a file with weights_only=False)."""
+    import pickle
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():  # torch's wording for "this pickle wants to call code"
+            raise CheckpointError(f"checkpoint {path} is not a plain weights file: loading it would run Python code "
+                                  "it names (objects beyond tensors and plain values); refused, nothing was run. Do "
+                                  "not load this file; use a checkpoint saved by napari-register (train or the "
+                                  "shipped ones)") from None
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint (or is damaged); "
+                              "re-download or retrain it") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError) as e:
+        # torch's zip reader on a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); the file is truncated or "
+                              "not a checkpoint - re-download or retrain it") from None
+    if not isinstance(blob, dict) or not {"method", "config", "state_dict"} <= set(blob):
+        raise CheckpointError(f"checkpoint {path} is not a napari-register checkpoint (a dict with method, config "
+                              "and state_dict); save weights with napari-register train")
+    if not isinstance(blob["config"], dict) or not isinstance(blob.get("card", {}), dict) \
+            or not isinstance(blob["state_dict"], dict):
+        raise CheckpointError(f"checkpoint {path}: config, card and state_dict must be dicts; the file is damaged")
+    return blob
 
 
 def load(path: str | Path, method: str, dim: int, build: Callable[..., torch.nn.Module],
@@ -79,36 +129,52 @@ def load(path: str | Path, method: str, dim: int, build: Callable[..., torch.nn.
          ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a checkpoint of ``method`` for ``dim``-D images; returns ``(model in eval mode, card)``.
 
-    Refuses a file whose checksum, method or dimensionality does not match. ``upgrade(config, card)``
-    returns the config to build with, for checkpoints saved before a config key existed.
+    Refuses (:class:`CheckpointError`) a file whose checksum, method, dimensionality or weights do not
+    match, or that carries anything but tensors and plain values. ``upgrade(config, card)`` returns
+    the config to build with, for checkpoints saved before a config key existed.
     """
     path = Path(path)
-    card_path = path.with_suffix(".json")
-    if card_path.exists():
-        expected = json.loads(card_path.read_text()).get("sha256")
-        if expected and expected != sha256(path):
-            raise ValueError(f"checkpoint {path} does not match the sha256 in {card_path.name}; "
-                             "the file is corrupt or was replaced - re-download or retrain it")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    card = read_card(path)
+    expected = card.get("sha256") if card else None
+    if expected and expected != sha256(path):
+        raise CheckpointError(f"checkpoint {path} does not match the sha256 in {path.with_suffix('.json').name}; "
+                              "the file is corrupt or was replaced - re-download or retrain it")
+    blob = read_blob(path)
     if blob.get("method") != method:
-        raise ValueError(f"checkpoint {path.name} is for method {blob.get('method')!r}, not {method!r}; "
-                         f"pick a {method} checkpoint")
+        raise CheckpointError(f"checkpoint {path} is for method {blob.get('method')!r}, not {method!r}; "
+                              f"pick a {method} checkpoint")
     ckpt_dim = blob["config"].get("dim")
     if ckpt_dim != dim:
-        raise ValueError(f"checkpoint {path.name} registers {ckpt_dim}D images but the images are {dim}D; "
-                         f"pick a {dim}D checkpoint (e.g. {method}-{dim}d)")
-    config = blob["config"] if upgrade is None else upgrade(dict(blob["config"]), blob["card"])
-    model = build(**config)
-    model.load_state_dict(blob["state_dict"], strict=True)
-    return model.to(device).eval(), blob["card"]
+        raise CheckpointError(f"checkpoint {path} registers {ckpt_dim}D images but the images are {dim}D; "
+                              f"pick a {dim}D checkpoint (e.g. {method}-{dim}d)")
+    stored_card = blob.get("card", {})
+    config = blob["config"] if upgrade is None else upgrade(dict(blob["config"]), stored_card)
+    try:
+        model = build(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: its config {config} does not build a {method} network "
+                              f"({e}); it was saved by another version - retrain it") from None
+    expected_keys, got = set(model.state_dict()), set(blob["state_dict"])
+    if expected_keys != got:
+        lost, extra = sorted(expected_keys - got), sorted(got - expected_keys)
+        raise CheckpointError(f"checkpoint {path} does not fit the {method} network: "
+                              f"{len(lost)} missing weight(s) {lost[:3]}, {len(extra)} unexpected {extra[:3]}; "
+                              "it is damaged or from another network - use a checkpoint saved for this method")
+    try:
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except RuntimeError as e:  # shapes differ
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "size mismatch")
+        raise CheckpointError(f"checkpoint {path} does not fit the {method} network ({first}); "
+                              "use a checkpoint saved for this method and configuration") from None
+    return model.to(device).eval(), stored_card
 
 
 def update_card(path: str | Path, dest: str | Path | None = None, **fields: Any) -> Path:
     """Copy the checkpoint ``path`` to ``dest`` (default: in place) with ``fields`` merged into its
     card (e.g. ``evaluation={...}`` after a benchmark); the sha256 is recomputed."""
     path = Path(path)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    card = {**blob["card"], **fields}
+    blob = read_blob(path)
+    card = {**blob.get("card", {}), **fields}
     # save() records the code version of the updating tree; the training's own is kept apart
     card.setdefault("trained_code_version", card.pop("code_version", None))
     state = blob["state_dict"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from napari_register.cli import main
-from napari_register.image import read_image, read_points
+from napari_register.image import read_image
+from napari_register.points import read_points
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 FAST = '{"levels": [8, 4], "iterations": [30, 20]}'

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from napari_register.coords import Geometry
+from napari_register.errors import OutputError
 from napari_register.image import Image, ImageError, check_registrable, read_image, to_sitk, write_image
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
@@ -116,6 +117,6 @@ def test_write_refuses_to_overwrite_input(tmp_path):
     shutil.copyfile(SAMPLE / "brain" / "fixed_seg.nii.gz", src)
     before = src.read_bytes()
     img = read_image(src)
-    with pytest.raises(ImageError, match="overwrite"):
+    with pytest.raises(OutputError, match="overwrite"):
         write_image(img, src, protect=(str(src),))
     assert src.read_bytes() == before

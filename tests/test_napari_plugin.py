@@ -26,14 +26,7 @@ FAST_3D = {"levels": [2, 1], "iterations": [40, 20]}  # on the 3x downsampled br
 WAIT_MS = 120_000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def downsample(image: Image, f: int) -> Image:
@@ -73,7 +66,7 @@ def viewer_widgets(make_napari_viewer):
 @pytest.fixture
 def histology(viewer_widgets):
     """4x downsampled histology pair + the full-resolution landmarks (so layers differ in scale)."""
-    from napari_register.image import read_points
+    from napari_register.points import read_points
 
     viewer, reg, qa_w = viewer_widgets
     d = sample_dir() / "histology"
@@ -377,6 +370,58 @@ def test_error_becomes_notification_and_widget_lives(brain, qtbot, monkeypatch):
     assert reg.run_button.enabled and reg.session.runs == []
 
 
+def test_bad_input_is_a_notification_and_the_viewer_is_unchanged(viewer_widgets, qtbot, monkeypatch, tmp_path):
+    """A bad image, then a checkpoint carrying code: each a notification naming the problem, no layer
+    added or changed, the widget ready again; a run that had to work coarser says so."""
+    import torch
+
+    from corpus_files import PAYLOAD_MARKER, Payload, checkpoint_blob, volume
+    from napari_register import resources
+
+    viewer, reg, _ = viewer_widgets
+    errors, infos = [], []
+    monkeypatch.setattr("napari_register._napari.widgets.show_error", errors.append)
+    monkeypatch.setattr("napari_register._napari.widgets.show_info", infos.append)
+    holes = volume((32, 32))
+    holes[4:6, 4:6] = np.nan
+    fixed = add(viewer, Image(holes, Geometry.default((32, 32))), "fixed")
+    add(viewer, Image(volume((32, 32), shift=2), Geometry.default((32, 32))), "moving")
+    reg.method_options = {"levels": [2, 1], "iterations": [3, 3], "affine_iterations": 2}
+    before = [(layer.name, np.array(layer.data, copy=True)) for layer in viewer.layers]
+
+    def unchanged() -> None:
+        assert [layer.name for layer in viewer.layers] == [name for name, _ in before]
+        for (_, data), layer in zip(before, viewer.layers):
+            np.testing.assert_array_equal(layer.data, data)
+        assert reg.run_button.enabled and not reg.cancel_button.enabled and reg.session.runs == []
+
+    run_widget(qtbot, reg)
+    assert len(errors) == 1 and "fixed image" in errors[0] and "NaN" in errors[0], errors
+    unchanged()
+
+    fixed.data = np.nan_to_num(fixed.data)
+    before[0] = ("fixed", np.array(fixed.data, copy=True))
+    evil = tmp_path / "evil.pt"
+    torch.save({**checkpoint_blob(), "card": {"x": Payload(tmp_path / PAYLOAD_MARKER)}}, evil)
+    reg.method.value = "carl"
+    reg._extra_checkpoints.append(str(evil))
+    reg._refresh_checkpoints()
+    reg.checkpoint.value = str(evil)
+    reg.io_steps.value = 0
+    reg.method_options = {"affine_iterations": 2}
+    run_widget(qtbot, reg)
+    assert len(errors) == 2 and "not a plain weights file" in errors[1] and "evil.pt" in errors[1], errors
+    assert not (tmp_path / PAYLOAD_MARKER).exists()
+    unchanged()
+
+    reg.method.value = "optimize"
+    reg.method_options = {"levels": [1], "iterations": [2], "affine_iterations": 0}
+    monkeypatch.setattr(resources, "OVERHEAD", 0)
+    monkeypatch.setattr(resources, "available", lambda device: 290 * 32 * 32)  # the full grid needs 330 B/px
+    run_widget(qtbot, reg)
+    assert len(reg.session.runs) == 1 and any("working at" in text for text in infos), infos
+
+
 def test_dimension_mismatch_is_a_clear_message(make_napari_viewer):
     viewer = make_napari_viewer()
     reg = RegisterWidget(viewer)
@@ -401,3 +446,4 @@ def test_qt_binding_keeps_refcounts(qapp):
     assert abs(sys.getrefcount(None) - before) < 500, (
         "the Qt binding leaks references to None (PySide6-Essentials 6.12.0 on Python < 3.12); "
         "install PySide6-Essentials<6.12, e.g. pip install 'PySide6-Essentials==6.11.3'")
+

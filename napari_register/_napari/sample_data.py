@@ -37,7 +37,7 @@ def brain_pair() -> list[LayerData]:
 
 def histology_pair() -> list[LayerData]:
     """Lung histology pair (CD31 moving, HE fixed, RGB) with corresponding landmarks."""
-    from ..image import read_points
+    from ..points import read_points
 
     fixed, moving = _pair("histology", ".jpg")
     layers = [image_layer(fixed, "fixed", metadata={"path": fixed.path}),

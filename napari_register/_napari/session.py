@@ -91,8 +91,10 @@ class Session:
         return [r.row() for r in self.runs]
 
     def save_csv(self, path: str | Path) -> Path:
+        from ..outputs import atomic_path
+
         p = Path(path)
-        with open(p, "w", newline="") as f:
+        with atomic_path(p) as tmp, open(tmp, "w", newline="") as f:  # no half-written table
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
             w.writerows(self.rows())

@@ -293,6 +293,9 @@ class RegisterWidget(Container):
         self.status.value = "cancelling..."
 
     def _on_progress(self, p: Progress) -> None:
+        if p.message is not None:  # the run changed something on the user's behalf (resolution, device)
+            show_info(p.message)
+            return
         self.progress.max = max(p.total, 1)
         self.progress.value = min(p.step, p.total)
         loss = "" if p.loss is None else f", loss {p.loss:.4f}"
@@ -311,10 +314,13 @@ class RegisterWidget(Container):
             err = out.error
             if isinstance(err, Cancelled):
                 self.status.value = "cancelled; the layers are as they were"
-            else:
-                log.error("registration failed", exc_info=err)
+            elif isinstance(err, (ValueError, OSError, MemoryError)):  # bad input (InputError) or a file problem
                 self.status.value = f"failed: {err}"
-                show_error(f"registration failed: {type(err).__name__}: {err}")
+                show_error(f"cannot register: {err}")
+            else:  # a bug: the traceback goes to the log
+                log.error("registration failed", exc_info=err)
+                self.status.value = f"failed: {type(err).__name__}: {err}"
+                show_error(f"registration failed (internal error, details in the log): {type(err).__name__}: {err}")
             return
         job = self._job
         run = ses.Run(job["number"], out.result, job["fixed"], job["moving"], options=job["options"],

@@ -3,10 +3,11 @@ displacement field of the run that made a result layer (ITK transform file, or a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import OutputError, output_error
 from ..image import Image, write_image
 from .layers import META_KEY, geometry_from_meta
 
@@ -20,8 +21,24 @@ def write_layer(path: str, data: Any, meta: dict) -> list[str]:
     shape = arr.shape[:-1] if rgb else arr.shape
     image = Image(arr, geometry_from_meta(shape, meta), channels=rgb, rgb=rgb)
     # never overwrite the file a layer was opened from
-    protect = tuple(str(p) for p in ((meta.get("metadata") or {}).get("path"),) if p)
-    return [str(write_image(image, path, protect=protect))]
+    source = (meta.get("metadata") or {}).get("path")
+    if source and Path(source).exists() and Path(path).exists() and Path(path).resolve() == Path(source).resolve():
+        raise OutputError(f"{path}: refusing to overwrite the file layer {meta.get('name')!r} was opened from; "
+                          "save it under another name")
+    return [str(_atomic_write(Path(path), lambda tmp: write_image(image, tmp)))]
+
+
+def _atomic_write(path: Path, writer: Callable[[Path], Any]) -> Path:
+    """Write through a temporary file renamed onto ``path``: a failed save leaves no half file."""
+    from ..outputs import atomic_path
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            writer(tmp)
+    except OSError as e:
+        raise output_error(e, path) from None
+    return path
 
 
 def write_field(path: str, data: Any, meta: dict) -> list[str]:
@@ -32,4 +49,4 @@ def write_field(path: str, data: Any, meta: dict) -> list[str]:
     if field is None:
         raise ValueError(f"layer {meta.get('name')!r} is not a registration result; select a layer made "
                          "by the Register widget (warped, grid, Jacobian...) to save its displacement field")
-    return [str(field.save(Path(path)))]
+    return [str(_atomic_write(Path(path), field.save))]

@@ -175,6 +175,17 @@ class CARL(NetworkMethod):
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
         return working_shape_for(self.dim, shape, spacing_xyz, self.tokens)
 
+    def memory_bytes(self, shape: tuple[int, ...], io_steps: int) -> int:
+        # Fitted to measured CPU peaks (3D, 40^3-80^3 working grids): the attention's score matrices
+        # grow with tokens^2, the U-Nets with voxels; instance optimisation keeps both for backward.
+        voxels, pairs = math.prod(shape), (math.prod(shape) / 4 ** self.dim) ** 2
+        need = 300 * voxels + 8 * pairs
+        if io_steps > 0:
+            io = io_shape_for(self.dim, shape)
+            io_voxels, io_pairs = math.prod(io), (math.prod(io) / 4 ** self.dim) ** 2
+            need = max(need, 300e6 + 850 * io_voxels + 22 * io_pairs)
+        return int(need)
+
     def predict(self, net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         return (Symmetrised(net) if self.symmetric else net)(moving, fixed)
 

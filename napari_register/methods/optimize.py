@@ -7,12 +7,14 @@ The same loop (:func:`napari_register.instance_opt.iter_optimise`) fine-tunes th
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Generator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..coords import apply_matrix, compose, gaussian_blur, resize_image, resize_map, sample
+from ..errors import InputError
 from ..instance_opt import FieldAdam, iter_affine, iter_optimise
 from ..losses import diffusion, get_similarity
 from ..progress import Progress
@@ -39,7 +41,7 @@ class Optimize(Method):
                  affine_window: int = 9, sigma: float = 1.0, exp_max_gradient: float = 1.0, **options: Any) -> None:
         super().__init__(dim, device, None, **options)
         if checkpoint not in (None, "", "none"):
-            raise ValueError("method 'optimize' uses no checkpoint; leave --checkpoint out")
+            raise InputError("method 'optimize' uses no checkpoint; leave --checkpoint out")
         if len(levels) != len(iterations):
             raise ValueError(f"levels {levels} and iterations {iterations} must have the same length")
         self.similarity_name = similarity
@@ -68,6 +70,12 @@ class Optimize(Method):
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
         scale = min(1.0, self.max_size / max(shape))
         return tuple(max(int(round(s * scale)), 8) for s in shape)
+
+    def memory_bytes(self, shape: tuple[int, ...], io_steps: int) -> int:
+        # Measured peaks (CPU, 3D): ~40 B per working voxel (images, prior map) plus ~250 B per voxel of
+        # the finest level (velocity, its exp, gradients, optimiser state).
+        finest = math.prod(self._level_shape(shape, min(self.levels)))
+        return 40 * math.prod(shape) + 250 * finest
 
     def _level_shape(self, shape: tuple[int, ...], factor: float) -> tuple[int, ...]:
         return tuple(max(int(round(s / factor)), 4) for s in shape)

@@ -7,12 +7,16 @@ two intensity-normalised tensors that already share the fixed image's physical g
 """
 from __future__ import annotations
 
+import inspect
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Generator, Optional
 
 import torch
 
+from ..errors import InputError
 from ..progress import Progress
 
 _REGISTRY: dict[str, type["Method"]] = {}
@@ -26,6 +30,8 @@ class MethodOutput:
     map: torch.Tensor
     matrix: Optional[torch.Tensor] = None
     loss: Optional[float] = None
+    # a homography fitted to a dense ``map`` (norm frame), exported beside the field; not the transform
+    homography: Optional[torch.Tensor] = None
     state: Any = None  # method-private (e.g. a fine-tuned network) to continue from, see ``iter_run(init=)``
 
 
@@ -45,18 +51,23 @@ class Method:
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None,
                  **options: Any) -> None:
         if dim not in self.dims:
-            raise ValueError(f"method {self.name!r} registers {' or '.join(f'{d}D' for d in self.dims)} "
+            raise InputError(f"method {self.name!r} registers {' or '.join(f'{d}D' for d in self.dims)} "
                              f"images, not {dim}D; pick one of {list_methods(dim)}")
         self.dim = dim
         self.device = device
         self.checkpoint = checkpoint
         self.checkpoint_name: Optional[str] = None if checkpoint is None else str(checkpoint)  # what was loaded
         if options:
-            raise ValueError(f"method {self.name!r} takes no options {sorted(options)}")
+            raise InputError(f"method {self.name!r} takes no options {sorted(options)}")
 
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
         """Grid the method works on for a fixed image of ``shape`` (array order) and spacing."""
         return tuple(shape)
+
+    def memory_bytes(self, shape: tuple[int, ...], io_steps: int) -> int:
+        """Estimated peak bytes the method allocates on its device for a ``shape`` working grid
+        (measured on CPU; the pipeline adds what it holds on the fixed grid). Override per method."""
+        return 300 * math.prod(shape)
 
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
@@ -79,7 +90,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 # The method modules, in one place: importing one registers its methods.
-BUILTIN = ("optimize", "carl")
+BUILTIN = ("optimize", "carl", "art", "alto")
 
 
 def _load_builtin() -> None:
@@ -94,8 +105,44 @@ def get_method(name: str) -> type[Method]:
     _load_builtin()
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+    except (KeyError, TypeError):
+        raise InputError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def option_names(cls: type[Method]) -> list[str]:
+    """The options ``cls(dim, device, checkpoint, **options)`` takes (its constructor's keywords)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    fixed = {"self", "dim", "device", "checkpoint"}
+    return sorted(p.name for p in params if p.name not in fixed
+                  and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def parse_options(text: Optional[str], flag: str = "--options") -> Optional[dict[str, Any]]:
+    """Method options from a JSON object given on the command line (None when not given)."""
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{flag} is not valid JSON ({getattr(e, 'msg', e)} at character {getattr(e, 'pos', '?')}): "
+                         f"{text!r}; write an object like '{{\"levels\": [4, 2]}}' in single quotes") from None
+    if not isinstance(options, dict):
+        raise InputError(f"{flag} must be a JSON object like '{{\"name\": value}}', got {text!r}")
+    return options
+
+
+def check_options(cls: type[Method], options: Any) -> dict[str, Any]:
+    """``options`` as a dict, or :class:`InputError` naming an unknown option and listing the known."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InputError(f"options for {cls.name!r} must be a JSON object like {{\"name\": value}}, "
+                         f"got {type(options).__name__}")
+    known = option_names(cls)
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise InputError(f"method {cls.name!r} has no option(s) {unknown}; its options: {', '.join(known) or 'none'}")
+    return dict(options)
 
 
 def list_methods(dim: int | None = None) -> list[str]:

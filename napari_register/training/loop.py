@@ -34,7 +34,10 @@ def _seed_all(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # plain tensors and tuples only, so the state file loads with weights_only=True like a checkpoint
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +45,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -130,7 +134,7 @@ def train(args: argparse.Namespace, module: Any = None) -> Path:
     data_seed = args.seed * 1000 + rank  # each process its own batches
     init_lineage = _lineage(args.init) if args.init else None
     if args.init and not state_path.exists():
-        blob = torch.load(args.init, map_location="cpu", weights_only=True)
+        blob = weights.read_blob(Path(args.init))  # refuses a file carrying code, without running it
         # The config may differ in settings without weights (e.g. CARL's attention_scale); the
         # strict load checks that every weight has its place and shape.
         try:
@@ -139,7 +143,7 @@ def train(args: argparse.Namespace, module: Any = None) -> Path:
             raise ValueError(f"--init {args.init} (config {blob['config']}) does not fit the network of "
                              f"config {recipe.config}: {e}") from None
     if state_path.exists():  # resume exactly where the last save left off
-        state = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file, with RNG states
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state["config"] != recipe.config or set(state["optimisers"]) != set(optimisers):
             raise ValueError(f"{state_path} was trained with config {state['config']}, not {recipe.config}; "
                              "use another --run-dir or the same options")

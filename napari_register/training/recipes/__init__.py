@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-RECIPES = ("carl",)
+RECIPES = ("carl", "art", "alto")
 
 
 def get_recipe(method: str) -> ModuleType:

@@ -1,0 +1,195 @@
+"""Homography benchmark on held-out photos: MACE, acceptable rates and AUC, ours against OpenCV.
+
+    python -m benchmarks photo_eval [--variants clean degraded modality] [--seeds 4] [--methods ...]
+
+Cases: :func:`benchmarks.photos.cases` (the benchmark's photos and seeds, never trained on), each
+variant ``len(PHOTOS) x seeds`` pairs. Per method: mean and median MACE (px, the patch's four
+corners), the acceptable rate (share of pairs under 3 / 5 / 10 px; a failed pair counts as
+unacceptable) and the AUC of the cumulative error curve up to 10 px. For a dense result the
+homography fitted to it is scored (ART returns one); ``optimize``'s dense map is scored at the
+corners. ``art_k<k>`` stops ART after ``k`` refinement steps (the step-efficiency curve);
+``art_nocal`` is the same recipe trained without cross-attention (``--ablation-checkpoint``).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from benchmarks import new_run_dir, provenance, write_run
+from benchmarks import photos
+
+THRESHOLDS = (3.0, 5.0, 10.0)
+Estimator = Callable[[photos.PhotoCase], Callable[[np.ndarray], np.ndarray]]
+
+
+def _opencv(detector: str, robust: str = "ransac") -> Estimator:
+    def run(pc: photos.PhotoCase) -> Callable[[np.ndarray], np.ndarray]:
+        import cv2
+
+        def u8(a: np.ndarray) -> np.ndarray:
+            return np.uint8(np.clip(255 * (a - a.min()) / max(float(np.ptp(a)), 1e-6), 0, 255))
+
+        det = {"sift": lambda: cv2.SIFT_create(), "orb": lambda: cv2.ORB_create(2000),
+               "akaze": lambda: cv2.AKAZE_create()}[detector]()
+        kf, df = det.detectAndCompute(u8(pc.fixed), None)
+        km, dm = det.detectAndCompute(u8(pc.moving), None)
+        if df is None or dm is None or len(kf) < 4 or len(km) < 4:
+            raise RuntimeError("too few keypoints")
+        norm = cv2.NORM_L2 if detector == "sift" else cv2.NORM_HAMMING
+        matches = [m for m, n in (p for p in cv2.BFMatcher(norm).knnMatch(df, dm, k=2) if len(p) == 2)
+                   if m.distance < 0.75 * n.distance]
+        if len(matches) < 4:
+            raise RuntimeError(f"{len(matches)} matches")
+        src = np.float32([kf[m.queryIdx].pt for m in matches])
+        dst = np.float32([km[m.trainIdx].pt for m in matches])
+        method = cv2.USAC_MAGSAC if robust == "magsac" else cv2.RANSAC
+        h, inliers = cv2.findHomography(src, dst, method, 3.0)
+        if h is None or int(inliers.sum()) < 10:
+            raise RuntimeError("no homography with 10 inliers")
+        return lambda pts: _apply(h, pts)
+
+    return run
+
+
+def _apply(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    q = np.c_[pts, np.ones(len(pts))] @ h.T
+    return q[:, :2] / q[:, 2:]
+
+
+def _ours(method: str, checkpoint: Optional[str] = None, io_steps: int = 0,
+          options: Optional[dict[str, Any]] = None) -> Estimator:
+    def run(pc: photos.PhotoCase) -> Callable[[np.ndarray], np.ndarray]:
+        from napari_register import register
+        from napari_register.coords import Geometry
+        from napari_register.image import Image
+
+        g = Geometry(pc.fixed.shape, (1.0, 1.0), (0.0, 0.0), np.eye(2))
+        result = register(Image(pc.moving, g), Image(pc.fixed, g), method=method, checkpoint=checkpoint,
+                          io_steps=io_steps, options=options, device="cpu")
+        tx = result.homography if result.homography is not None else result.transform
+        return lambda pts: tx.moving_from_fixed(np.asarray(pts, np.float64))
+
+    return run
+
+
+def estimators(args: argparse.Namespace) -> dict[str, Estimator]:
+    out: dict[str, Estimator] = {"identity": lambda pc: (lambda pts: pts)}
+    try:
+        import cv2
+
+        out.update({"opencv_sift": _opencv("sift"), "opencv_sift_magsac": _opencv("sift", "magsac"),
+                    "opencv_orb": _opencv("orb")})
+        if hasattr(cv2, "AKAZE_create"):  # not in every OpenCV build (5.x moved it out)
+            out["opencv_akaze"] = _opencv("akaze")
+    except ImportError:
+        print("OpenCV is not installed (pip install -e '.[bench]'): its rows are left out")
+    out["optimize"] = _ours("optimize")
+    out["optimize_mind"] = _ours("optimize", options={"similarity": "mind"})
+    from napari_register.methods.registry import list_methods
+
+    if "art" in list_methods(2):
+        out["art"] = _ours("art", args.art_checkpoint)
+        out["art_io"] = _ours("art", args.art_checkpoint, io_steps=args.io_steps)
+        for k in args.art_steps:
+            out[f"art_k{k}"] = _ours("art", args.art_checkpoint, options={"steps": k})
+        if args.ablation_checkpoint:
+            out["art_nocal"] = _ours("art", args.ablation_checkpoint)
+    if "alto" in list_methods(2):
+        out["alto"] = _ours("alto", args.alto_checkpoint)
+    return out
+
+
+def score(errors: list[float]) -> dict[str, float]:
+    """Mean / median MACE over the pairs that did not fail, acceptable rates and AUC@10 over all."""
+    e = np.asarray(errors, np.float64)
+    ok = e[np.isfinite(e)]
+    t = np.linspace(0, THRESHOLDS[-1], 101)
+    curve = [(e < x).mean() for x in t]
+    return {"n": len(e), "failed": int((~np.isfinite(e)).sum()),
+            "mace_mean": float(ok.mean()) if ok.size else float("nan"),
+            "mace_median": float(np.median(ok)) if ok.size else float("nan"),
+            **{f"acc_{int(th)}px": float((e < th).mean()) for th in THRESHOLDS},
+            "auc_10px": float(np.trapezoid(curve, t) / THRESHOLDS[-1])}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks photo_eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["clean", "degraded", "modality"])
+    ap.add_argument("--seeds", type=int, default=4, help="cases per photo and variant")
+    ap.add_argument("--methods", nargs="+", help="only these (default: every one available)")
+    ap.add_argument("--art-checkpoint", help="ART checkpoint (default: the shipped art-2d)")
+    ap.add_argument("--ablation-checkpoint", help="ART trained without cross-attention")
+    ap.add_argument("--alto-checkpoint", help="AltO checkpoint (default: the shipped alto-2d)")
+    ap.add_argument("--art-steps", type=int, nargs="*", default=[1, 2], help="step-efficiency rows: stop after k")
+    ap.add_argument("--io-steps", type=int, default=20, help="instance-optimisation steps of art_io")
+    ap.add_argument("--out", help="run folder (default: a new benchmarks/results/<date>-photo-eval)")
+    args = ap.parse_args(argv)
+    record = provenance("photo_eval", argv)
+    methods = estimators(args)
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+    out = Path(args.out) if args.out else new_run_dir("photo-eval")
+    errors: dict[str, dict[str, list[float]]] = {v: {m: [] for m in methods} for v in args.variants}
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    failures: list[str] = []
+    for variant in args.variants:
+        for seed in range(args.seeds):
+            for pc in photos.cases(variant, seed=seed):
+                for name, make in methods.items():
+                    t0 = time.perf_counter()
+                    try:
+                        err = photos.mace(make(pc), pc.truth)
+                    except Exception as e:  # noqa: BLE001 - a failed pair is a result
+                        err = float("inf")
+                        failures.append(f"{variant} {pc.name} seed {seed} {name}: {type(e).__name__}: {e}")
+                    seconds[name].append(time.perf_counter() - t0)
+                    errors[variant][name].append(err)
+            print(variant, seed, {m: round(float(np.mean(np.minimum(v[-6:], 99))), 1) for m, v in errors[variant].items()},
+                  flush=True)
+    table = {v: {m: score(e) for m, e in ms.items()} for v, ms in errors.items()}
+    lines = []
+    for v, rows in table.items():
+        lines += [f"## {v} ({len(photos.PHOTOS)} photos x {args.seeds} seeds)", "",
+                  "| method | MACE mean (px) | median | < 3 px | < 5 px | < 10 px | AUC@10 | failed | s / pair |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m, s in rows.items():
+            lines.append(f"| {m} | {s['mace_mean']:.2f} | {s['mace_median']:.2f} | {100 * s['acc_3px']:.0f} % | "
+                         f"{100 * s['acc_5px']:.0f} % | {100 * s['acc_10px']:.0f} % | {s['auc_10px']:.3f} | "
+                         f"{s['failed']} | {np.mean(seconds[m]):.2f} |")
+        lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(errors, out / "error_curves.png")
+    write_run(out, record, {"scores": table, "errors": errors, "seconds": seconds, "failures": failures},
+              "\n".join(lines) + "\n![cumulative error curves](error_curves.png)\n",
+              title="Homography on held-out photos: MACE, acceptable rate, AUC")
+    print("\n".join(lines))
+    return 0
+
+
+def _plot(errors: dict[str, dict[str, list[float]]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(errors), 3.6))
+    FigureCanvasAgg(fig)
+    t = np.linspace(0, 20, 201)
+    for i, (variant, methods) in enumerate(errors.items()):
+        ax = fig.add_subplot(1, len(errors), i + 1)
+        for m, e in methods.items():
+            e = np.asarray(e)
+            ax.plot(t, [(e < x).mean() for x in t], label=m, lw=1.2)
+        ax.set_title(variant, fontsize=9)
+        ax.set_xlabel("MACE threshold (px)")
+        ax.set_ylabel("share of pairs below")
+        ax.grid(alpha=0.3)
+    fig.axes[-1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,317 @@
+"""AltO (Song et al., "Unsupervised Homography Estimation on Multimodal Image Pair via Alternating
+Optimization", arXiv 2411.13036): a 2D homography network trained without ground truth.
+
+Three parts, one module (:class:`AltONet`), so the generic loop saves and resumes them together:
+
+* ``reg`` - the registration network R (:class:`Regressor`): a DHN-style VGG regressor on the
+  2-channel stacked pair (``[2 m - 1, 2 f - 1]``, 128 x 128): per stage two 3x3 conv + BN + ReLU and
+  a 2x2 max-pool, four stages (widths ``reg_widths``, default 16-32-64-64, DHN's 64-64-128-128
+  quartered/halved), then the 8 x 8 map flattened through a hidden FC layer (``reg_hidden``, DHN: 1024)
+  to the 8 corner offsets. The last layer starts at zero (identity) and its output is scaled by
+  ``offset_scale`` px. The four offsets are solved to a 3x3 homography by the DLT
+  (:func:`corner_homography`, ``torch.linalg.solve``, differentiable).
+  The authors pair AltO with DHN (a ResNet-34 regressor in their code), IHN, RAFT or RHWF; this is
+  the smallest of them, cut to what two CPU cores train in an hour.
+* ``enc`` - the encoder E (:class:`Encoder`): ResNet-34's stem *without* the max-pool after the
+  first (7x7, stride 2) convolution, then layers 1-2: features ``(B, enc_widths[2], H/4, W/4)``.
+  Reduced for the CPU: widths halved (stem/layer 1/layer 2: 32/32/64 instead of 64/64/128) and one
+  BasicBlock per layer (ResNet-34: 3 and 4), ``enc_blocks``.
+* ``proj`` - the projector P (:class:`Projector`): a layer-3 style stage (stride 2, ``enc_widths[3]``
+  = 128 channels, ResNet-34: 256 and 6 blocks; here ``enc_blocks[2]`` = 1), then global average pooling.
+
+Only R runs at inference; E and P exist for training (:mod:`napari_register.training.recipes.alto`)
+and travel in the checkpoint so a run can resume.
+
+Homography frames: ``H_px`` is moving px from fixed px on ``(x, y, 1)``, x = column (OpenCV's
+order, the photo source's ``truth_matrix``); ``M`` is the same map as moving_norm_from_fixed_norm on
+``(row, col, 1)`` in :mod:`napari_register.coords`' norm frame. :func:`norm_from_px` and
+:func:`px_from_norm` convert, batched or not.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Generator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import coords
+from ..progress import Progress
+from .base import NetworkMethod
+from .registry import MethodOutput, register_method
+
+TRAIN_SIZE = 128  # the AltO / DeepHomography protocol: 128 x 128 pairs
+RHO = 32.0  # corner perturbation of that protocol (px), also R's output scale
+
+
+# ----------------------------------------------------------------------------- homography helpers
+
+def corners_px(shape: Sequence[int]) -> torch.Tensor:
+    """``(4, 2)`` float64 (x, y) pixel centres of the image corners: top-left, top-right,
+    bottom-right, bottom-left (the order of :func:`napari_register.data.photos.patch_corners`)."""
+    h, w = (float(s - 1) for s in shape)
+    return torch.tensor([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]], dtype=torch.float64)
+
+
+def dlt(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, 3)`` homographies (h33 = 1) with ``dst ~ H src`` for point sets ``(B, 4, 2)``: the
+    8x8 DLT system, solved in float64 (``torch.linalg.solve``; differentiable) and returned in the
+    dtype of ``dst``."""
+    if src.shape != dst.shape or src.shape[-2:] != (4, 2):
+        raise ValueError(f"dlt: expected two (B, 4, 2) point sets, got {tuple(src.shape)} and {tuple(dst.shape)}")
+    s, d = src.double(), dst.double()
+    x, y, u, v = s[..., 0], s[..., 1], d[..., 0], d[..., 1]
+    o, z = torch.ones_like(x), torch.zeros_like(x)
+    a = torch.cat([torch.stack([x, y, o, z, z, z, -u * x, -u * y], -1),
+                   torch.stack([z, z, z, x, y, o, -v * x, -v * y], -1)], -2)  # (B, 8, 8)
+    h = torch.linalg.solve(a, torch.cat([u, v], -1))  # (B, 8)
+    return torch.cat([h, o[..., :1]], -1).view(*h.shape[:-1], 3, 3).to(dst.dtype)
+
+
+def corner_homography(offsets: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``H_px (B, 3, 3)`` (moving px from fixed px, (x, y)) that moves the image corners of
+    :func:`corners_px` by ``offsets (B, 4, 2)`` px (x, y); zero offsets give the identity."""
+    src = corners_px(shape).to(offsets.device)[None].expand(offsets.shape[0], 4, 2)
+    return dlt(src, src.to(offsets.dtype) + offsets)
+
+
+def _swap_norm(shape: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, A^-1)`` with ``A = norm_from_vox @ swap``: px (x, y, 1) -> norm (row, col, 1)."""
+    swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
+    a = torch.from_numpy(coords.norm_from_vox(tuple(shape))) @ swap
+    return a.to(like.device, like.dtype), torch.linalg.inv(a).to(like.device, like.dtype)
+
+
+def norm_from_px(h_px: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Pixel (x, y) homography ``H_px`` -> the norm-frame (row, col) matrix ``M`` of the same map on
+    an image of ``shape`` (array order; moving and fixed share it). ``(3, 3)`` or ``(B, 3, 3)``."""
+    a, a_inv = _swap_norm(shape, h_px)
+    return a @ h_px @ a_inv
+
+
+def px_from_norm(m: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`norm_from_px`, scaled so ``h33 = 1``."""
+    a, a_inv = _swap_norm(shape, m)
+    h = a_inv @ m @ a
+    return h / h[..., 2:, 2:]
+
+
+def homography_map(m: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Maps ``(B, 2, *shape)`` of norm-frame matrices ``m (B, 3, 3)``: :func:`coords.matrix_map` for
+    a batch (one matrix per image, with the perspective divide)."""
+    pts = coords.identity_map(tuple(shape), m.device, m.dtype).flatten(2)  # (1, 2, N)
+    out = m[:, :2, :2] @ pts + m[:, :2, 2:]
+    out = out / (m[:, 2:, :2] @ pts + m[:, 2:, 2:])
+    return out.view(m.shape[0], 2, *shape)
+
+
+def warp(moving: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``moving (B, C, *S)`` sampled through the norm-frame homographies ``m (B, 3, 3)``: the moving
+    image on the fixed grid (``coords.sample`` at :func:`homography_map`; border padding)."""
+    return coords.sample(moving, homography_map(m, tuple(moving.shape[2:])))
+
+
+# ----------------------------------------------------------------------------- the networks
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class Regressor(nn.Module):
+    """R: ``(moving, fixed) (B, 1, S, S)`` -> corner offsets ``(B, 4, 2)`` px (x, y), DHN-style."""
+
+    def __init__(self, size: int = TRAIN_SIZE, widths: Sequence[int] = (16, 32, 64, 64), hidden: int = 128,
+                 offset_scale: float = RHO) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 2
+        for w in widths:
+            layers += _conv_bn(cin, w) + _conv_bn(w, w) + [nn.MaxPool2d(2)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        side = size // 2 ** len(widths)
+        if side < 1 or size % 2 ** len(widths):
+            raise ValueError(f"Regressor: size {size} must be divisible by 2^{len(widths)} (one pool per stage)")
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, 8))
+        nn.init.zeros_(self.head[-1].weight)  # identity at the start
+        nn.init.zeros_(self.head[-1].bias)
+        self.offset_scale = float(offset_scale)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([2 * moving - 1, 2 * fixed - 1], 1)
+        return self.offset_scale * self.head(self.features(x)).view(-1, 4, 2)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block (two 3x3 conv + BN, identity or 1x1 shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, cout, 3, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.short(x))
+
+
+def _layer(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(BasicBlock(cin, cout, stride), *[BasicBlock(cout, cout) for _ in range(blocks - 1)])
+
+
+class Encoder(nn.Module):
+    """E: ``(B, 1, H, W)`` -> ``(B, widths[2], H/4, W/4)``: stem (7x7 stride 2, no max-pool), layers 1-2."""
+
+    def __init__(self, widths: Sequence[int] = (32, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(1, widths[0], 7, 2))
+        self.layer1 = _layer(widths[0], widths[1], blocks[0], 1)
+        self.layer2 = _layer(widths[1], widths[2], blocks[1], 2)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(self.stem(2 * image - 1)))
+
+
+class Projector(nn.Module):
+    """P: E's features -> ``(B, widths[3])``: a layer-3 style stage (stride 2), global average pooling."""
+
+    def __init__(self, widths: Sequence[int] = (32, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1)) -> None:
+        super().__init__()
+        self.layer3 = _layer(widths[2], widths[3], blocks[2], 2)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.layer3(feat).mean((2, 3))
+
+
+class AltONet(nn.Module):
+    """R, E and P of AltO. ``forward(moving, fixed)`` on ``(B, 1, size, size)`` -> map ``(B, 2, size, size)``
+    (moving_norm_from_fixed_norm); :meth:`matrix` gives the norm-frame homographies ``(B, 3, 3)``."""
+
+    def __init__(self, dim: int = 2, size: int = TRAIN_SIZE, offset_scale: float = RHO,
+                 reg_widths: Sequence[int] = (16, 32, 64, 64), reg_hidden: int = 128,
+                 enc_widths: Sequence[int] = (32, 32, 64, 128), enc_blocks: Sequence[int] = (1, 1, 1)) -> None:
+        super().__init__()
+        if dim != 2:
+            raise ValueError(f"AltO estimates 2D homographies; dim must be 2, got {dim}")
+        if len(enc_widths) != 4 or len(enc_blocks) != 3 or min(enc_blocks) < 1:
+            raise ValueError(f"enc_widths needs 4 widths (stem, layer 1, 2, 3) and enc_blocks 3 counts >= 1, "
+                             f"got {enc_widths} and {enc_blocks}")
+        self.dim, self.size = dim, int(size)
+        self.reg = Regressor(self.size, tuple(reg_widths), int(reg_hidden), offset_scale)
+        self.enc = Encoder(tuple(enc_widths), tuple(enc_blocks))
+        self.proj = Projector(tuple(enc_widths), tuple(enc_blocks))
+
+    def _check(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
+        want = (self.size, self.size)
+        if moving.shape != fixed.shape or moving.dim() != 4 or moving.shape[1] != 1 or tuple(moving.shape[2:]) != want:
+            raise ValueError(f"AltO needs moving and fixed of shape (B, 1, {self.size}, {self.size}), got "
+                             f"{tuple(moving.shape)} and {tuple(fixed.shape)}; resize to {self.size}x{self.size}")
+
+    def offsets(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """R's corner offsets ``(B, 4, 2)`` in px (x, y) of the ``size`` grid."""
+        self._check(moving, fixed)
+        return self.reg(moving, fixed)
+
+    def homography_px(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``H_px (B, 3, 3)``: moving px from fixed px (x, y) on the ``size`` grid."""
+        return corner_homography(self.offsets(moving, fixed), (self.size, self.size))
+
+    def matrix(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``M (B, 3, 3)``: moving_norm_from_fixed_norm, (row, col)."""
+        return norm_from_px(self.homography_px(moving, fixed), (self.size, self.size))
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return homography_map(self.matrix(moving, fixed), (self.size, self.size))
+
+
+def build(**config: Any) -> AltONet:
+    """``AltONet(**config)``; ``config`` is what checkpoints store (``dim`` included)."""
+    return AltONet(**config)
+
+
+# ----------------------------------------------------------------------------- the registered method
+
+@register_method("alto")
+class AltO(NetworkMethod):
+    """Registered method: AltO's registration network R, one pass on the pair resized to 128 x 128;
+    the homography is returned as a norm-frame matrix (resolution-free: the pipeline scales it to the
+    images' physical grids). The affine pre-stage is off by default.
+
+    Instance optimisation (``io_steps``) fine-tunes a copy of R on the pair, only the bias of its
+    last layer, i.e. the four corner offsets themselves (8 numbers; the homography stays a
+    homography), with MIND-SSC between the warped moving and the fixed image, both blurred by a
+    Gaussian whose sigma falls linearly from ``io_blur`` px (working grid) to 0: coarse first, so
+    the fit reaches a minimum several px away. Adam at ``io_lr`` px per step."""
+
+    dims = (2,)
+    kind = "homography"
+    default_io_steps = 0
+    description = "AltO: unsupervised multimodal homography network (alternating Barlow Twins), 2D"
+    build = staticmethod(build)
+    io_lr = 0.5  # px of the working grid per Adam step
+    io_preview_every = 10
+
+    def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
+                 affine_iterations: int = 0, io_lr: Optional[float] = None, io_blur: float = 8.0) -> None:
+        super().__init__(dim, device, checkpoint, affine_iterations=affine_iterations, io_lr=io_lr)
+        self.io_blur = float(io_blur)
+        if self.io_blur < 0:
+            raise ValueError(f"io_blur must be >= 0 px (0: no coarse start), got {io_blur}")
+
+    def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
+        # R's fully connected head fixes its input size: every image is resized to it (the norm-frame
+        # matrix it returns holds for any grid of the same extent).
+        return (self.net.size, self.net.size)
+
+    def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
+                 init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
+        # NetworkMethod.iter_run returns a map only; a homography method returns its matrix too, so
+        # the pipeline exports an exact MatrixTransform.
+        from ..instance_opt import finetune_copy, iter_affine, iter_optimise
+        from ..losses import get_similarity
+
+        shape = tuple(fixed.shape[2:])
+        affine: Optional[torch.Tensor] = None
+        net: nn.Module = self.net
+        if init is not None and isinstance(init.state, dict):  # continue a previous run on this pair
+            net, affine = init.state["net"], init.state["affine"]
+        elif self.affine_iterations:
+            sim = get_similarity("lncc", window=self.affine_window)
+            affine = yield from iter_affine(moving, fixed, sim, self.affine_iterations, stage="alto affine")
+        if affine is not None:  # the network registers the pre-aligned image: M = affine @ network
+            moving = coords.sample(moving, coords.matrix_map(affine, shape))
+        full = (lambda m: affine.to(m.dtype) @ m) if affine is not None else (lambda m: m)
+        with torch.no_grad():
+            m = full(net.matrix(moving, fixed)[0])
+        yield Progress("network", 1, 1, map=coords.matrix_map(m, shape))
+        loss = None
+        if io_steps > 0:
+            net = finetune_copy(net).eval()  # the loaded model never changes; BatchNorm on its statistics
+            net.requires_grad_(False)
+            last = net.reg.head[-1]
+            last.bias.requires_grad_(True)  # R's output = offset_scale * (W h + b): b moves the corners
+            with torch.no_grad():  # R's features do not change: computed once
+                hidden = net.reg.head[:-1](net.reg.features(torch.cat([2 * moving - 1, 2 * fixed - 1], 1)))
+            sim = get_similarity("mind")
+            step = [0]
+
+            def objective() -> tuple[torch.Tensor, torch.Tensor]:
+                offsets = net.reg.offset_scale * last(hidden).view(-1, 4, 2)
+                mat = norm_from_px(corner_homography(offsets, shape), shape)[0]
+                warped = coords.sample(moving, coords.matrix_map(mat, shape))
+                sigma = self.io_blur * max(0.0, 1.0 - step[0] / io_steps)
+                step[0] += 1
+                if sigma > 0.3:
+                    value = sim(coords.gaussian_blur(warped, sigma), coords.gaussian_blur(fixed, sigma))
+                else:
+                    value = sim(warped, fixed)
+                return value, coords.matrix_map(full(mat.detach()), shape)
+
+            loss = yield from iter_optimise([last.bias], objective, io_steps, self.io_lr / net.reg.offset_scale,
+                                            stage="alto instance optimisation", preview_every=self.io_preview_every)
+            with torch.no_grad():
+                m = full(net.matrix(moving, fixed)[0])
+        return MethodOutput(map=coords.matrix_map(m, shape), matrix=m, loss=loss, state={"net": net, "affine": affine})

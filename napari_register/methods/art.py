@@ -1,0 +1,278 @@
+"""ART (Auto-Regressive Transformation for image alignment, arXiv 2505.04864), 2D.
+
+The transform is two dense fields on the fixed image's grid, multiplicative ``D_M`` (identity:
+ones) and additive ``D_A`` (identity: zeros), acting per pixel on centred coordinates
+``c = 2 norm - 1`` (array order: row, col): ``c' = D_M * c + D_A`` is where fixed pixel ``c``
+lands in the moving image (our ``moving_from_fixed``). They start at 12 x 12 and are refined
+auto-regressively over ``K`` steps, doubling the resolution each step (``12 * 2^K = size``).
+Each step upsamples the fields, samples the moving image's features at the current map (the
+"source" features, on the fixed grid), runs a cross-attention layer with those as queries and the
+fixed ("destination") features as keys and values, ``F = concat(F_s, F_d, CAL(F_s, F_d))``, and
+updates ``D`` by a small conv net on ``concat(D, F)``.
+
+Choices the paper leaves open, as built here:
+- The frame: centred norm coordinates of the working grid, per axis; the update is additive to both
+  fields (``D += u``), its last conv zero-initialised.
+- The attention's logits are cosines times a fixed scale (``attention_scale``), and its values
+  carry the destination pixel's centred coordinates besides its features (as CARL's coordinate
+  attention does), so the layer reports *where* a source feature is found, not only what is there. Attention runs on at most ``attention_grid``^2 tokens (the
+  finest steps attend on an average-pooled grid and upsample the result): global attention on
+  96^2 tokens does not fit a CPU.
+- The update is antisymmetric, ``u = h(D, F_s, F_d) - h(D, F_d, F_s)`` (bounded by a tanh), plus a
+  direct path from the attention: half the difference between where the fixed content is found
+  in the warped moving image and where the warped moving content is found in the fixed image (the
+  shift still to apply, times a learned gate per step). Both vanish for identical inputs, so
+  ``D_M = 1, D_A = 0`` from the first step, for any weights.
+- Homography term: L1 (px) between the final map and the homography fitted to it by least
+  squares (DLT over a grid of points), weight ``lam_h``; the point term: L2 (px) on ``points``
+  random points per step against the ground-truth map, later steps weighted more (``gamma``).
+- Backbone: a small residual CNN (one stride-2 conv and one residual block per level, widths
+  ``widths`` from fine to coarse) instead of a ResNet-18, for CPU training.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import coords
+from .base import IOObjective, NetworkMethod
+from .registry import MethodOutput, register_method
+
+START = 12  # side of the first fields
+
+
+class _Res(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x + self.b(F.leaky_relu(self.a(x), 0.2)), 0.2)
+
+
+class Backbone(nn.Module):
+    """``(B, 1, S, S)`` -> features at S, S/2, S/4, ... (``len(widths)`` levels, fine to coarse)."""
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList()
+        ch = 1
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            self.levels.append(nn.Sequential(nn.Conv2d(ch, w, 3, stride=stride, padding=1), nn.LeakyReLU(0.2), _Res(w)))
+            ch = w
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for level in self.levels:
+            x = level(x)
+            out.append(x)
+        return out
+
+
+class CrossAttention(nn.Module):
+    """Queries from ``f_s``, keys and values from ``f_d`` (plus its centred coordinates), on at most
+    ``grid``^2 tokens; ``(B, C, H, W) x 2 -> (B, out, H, W)``."""
+
+    def __init__(self, ch: int, dim: int, out: int, grid: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.q, self.k, self.v = nn.Conv2d(ch, dim, 1), nn.Conv2d(ch, dim, 1), nn.Conv2d(ch, dim, 1)
+        self.out = nn.Conv2d(dim + 2, out, 1)
+        self.grid = grid
+
+    def forward(self, f_s: torch.Tensor, f_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (B, out, H, W), attended centred coordinates (B, 2, H, W))``."""
+        b, _, h, w = f_s.shape
+        if max(h, w) > self.grid:
+            f_s, f_d = F.adaptive_avg_pool2d(f_s, self.grid), F.adaptive_avg_pool2d(f_d, self.grid)
+        hh, ww = f_s.shape[2:]
+        pos = 2 * coords.identity_map((hh, ww), f_s.device, f_s.dtype) - 1
+        # cosine logits times a fixed scale (as CARL's attention): with raw dot products the random
+        # features of a fresh net attend uniformly and the coordinates carry no signal to learn from
+        q = F.normalize(self.q(f_s).flatten(2).transpose(1, 2), dim=-1)
+        k = F.normalize(self.k(f_d).flatten(2).transpose(1, 2), dim=-1)
+        v = torch.cat([self.v(f_d), pos.expand(b, -1, -1, -1)], 1).flatten(2).transpose(1, 2)
+        att = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, -1, hh, ww)
+        out = torch.cat([self.out(att), att[:, -2:]], 1)
+        if (hh, ww) != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
+        return out[:, :-2], out[:, -2:]
+
+
+class Updater(nn.Module):
+    """``h(D, F_s, F_d, CAL)``: a conv net from the fields and features to a 4-channel update."""
+
+    def __init__(self, ch: int, att: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(4 + 2 * ch + att, hidden, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(hidden, hidden, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv2d(hidden, 4, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, d: torch.Tensor, f_s: torch.Tensor, f_d: torch.Tensor, cal: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([d, f_s, f_d, cal], 1))
+
+
+def fields_to_map(d: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, H, W)`` fields ``[D_M, D_A]`` -> map ``(B, 2, H, W)`` moving_norm_from_fixed_norm."""
+    c = 2 * coords.identity_map(tuple(d.shape[2:]), d.device, d.dtype) - 1
+    return (d[:, :2] * c + d[:, 2:] + 1) / 2
+
+
+class ARTNet(nn.Module):
+    """``forward(moving, fixed)`` on ``(B, 1, size, size)`` -> the maps of every step, coarse to fine
+    (the last is the result), each ``(B, 2, 12 * 2^k, 12 * 2^k)``; ``fields=True``: the fields
+    ``[D_M, D_A]`` ``(B, 4, ...)`` instead."""
+
+    def __init__(self, dim: int = 2, size: int = 96, widths: Sequence[int] = (16, 32, 64, 128),
+                 attention_dim: int = 64, attention_out: int = 32, attention_grid: int = 24, hidden: int = 32,
+                 cross_attention: bool = True, attention_scale: float = 32.0) -> None:
+        super().__init__()
+        if dim != 2:
+            raise ValueError(f"ART registers 2D images, not {dim}D")
+        steps = math.log2(size / START)
+        if steps != int(steps) or steps < 1:
+            raise ValueError(f"ART's size must be 12 * 2^K (24, 48, 96, 192, ...), got {size}")
+        self.dim, self.size, self.steps = dim, int(size), int(steps)
+        if len(widths) < self.steps:
+            raise ValueError(f"size {size} takes {self.steps} steps, which need {self.steps} feature levels; "
+                             f"got widths {list(widths)}")
+        self.backbone = Backbone(widths)
+        self.cross_attention = bool(cross_attention)
+        # step k (1..K) works at size / 2^(K-k): feature level K-k (0 = finest)
+        levels = [self.steps - k for k in range(1, self.steps + 1)]
+        self.attention = nn.ModuleList(
+            CrossAttention(widths[lv], attention_dim, attention_out, attention_grid, attention_scale) for lv in levels
+        ) if cross_attention else None
+        self.gate = nn.Parameter(torch.ones(self.steps)) if cross_attention else None
+        self.update = nn.ModuleList(Updater(widths[lv], attention_out if cross_attention else 0, hidden)
+                                    for lv in levels)
+        self.levels = levels
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, fields: bool = False) -> list[torch.Tensor]:
+        if moving.shape != fixed.shape or moving.dim() != 4 or tuple(fixed.shape[2:]) != (self.size, self.size):
+            raise ValueError(f"ART needs moving and fixed of shape (B, 1, {self.size}, {self.size}), "
+                             f"got {tuple(moving.shape)} and {tuple(fixed.shape)}")
+        feats_m, feats_f = self.backbone(moving), self.backbone(fixed)
+        b = fixed.shape[0]
+        d = torch.cat([fixed.new_ones(b, 2, START, START), fixed.new_zeros(b, 2, START, START)], 1)
+        maps = []
+        for k, lv in enumerate(self.levels):
+            side = START * 2 ** (k + 1)
+            d = F.interpolate(d, size=(side, side), mode="bilinear", align_corners=True)
+            f_d = feats_f[lv]
+            f_s = coords.sample(feats_m[lv], fields_to_map(d))  # the moving features where D sends the fixed grid
+            u = 0.0
+            if self.attention is not None:
+                (cal_sd, pos_sd), (cal_ds, pos_ds) = self.attention[k](f_s, f_d), self.attention[k](f_d, f_s)
+                # where the fixed content is found in the warped moving image, less where the warped
+                # moving content is found in the fixed image, halved: the shift still to apply (a
+                # direct path, as CARL's attention map, which the learned update corrects)
+                shift = 0.5 * (pos_ds - pos_sd)
+                u = self.gate[k] * torch.cat([torch.zeros_like(shift), d[:, :2] * shift], 1)
+            else:
+                cal_sd = cal_ds = f_d.new_zeros(b, 0, side, side)
+            # antisymmetric: identical inputs give exactly no update, whatever the weights
+            raw = self.update[k](d, f_s, f_d, cal_sd) - self.update[k](d, f_d, f_s, cal_ds)
+            d = d + u + 0.5 * torch.tanh(raw)  # bounded: one step moves a pixel at most a quarter image
+            maps.append(d if fields else fields_to_map(d))
+        return maps
+
+
+def build(**config: Any) -> ARTNet:
+    return ARTNet(**config)
+
+
+def fit_homography(phi: torch.Tensor, stride: int = 4) -> torch.Tensor:
+    """``(B, 3, 3)`` homographies, norm frame (row, col), fitted to maps ``(B, 2, H, W)`` by least
+    squares (the DLT equations on every ``stride``-th pixel)."""
+    b, _, h, w = phi.shape
+    src = coords.identity_map((h, w), phi.device, phi.dtype)[:, :, ::stride, ::stride].flatten(2)[0]  # (2, N)
+    dst = phi[:, :, ::stride, ::stride].flatten(2)  # (B, 2, N)
+    x, y = src[0].expand(b, -1), src[1].expand(b, -1)
+    u, v = dst[:, 0], dst[:, 1]
+    o, z = torch.ones_like(x), torch.zeros_like(x)
+    a = torch.cat([torch.stack([x, y, o, z, z, z, -u * x, -u * y], -1),
+                   torch.stack([z, z, z, x, y, o, -v * x, -v * y], -1)], 1)  # (B, 2N, 8)
+    rhs = torch.cat([u, v], 1)[..., None]
+    sol = torch.linalg.lstsq(a.double(), rhs.double()).solution[..., 0].to(phi.dtype)
+    return torch.cat([sol, sol.new_ones(b, 1)], 1).view(b, 3, 3)
+
+
+def homography_map(matrix: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``(B, 2, *shape)`` map of homographies ``(B, 3, 3)`` (norm frame)."""
+    return torch.cat([coords.matrix_map(m, shape) for m in matrix])
+
+
+def point_loss(phi: torch.Tensor, truth: torch.Tensor, points: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Mean squared distance (px of ``truth``'s grid) between ``phi`` and ``truth`` at ``points``
+    random points of the image (bilinear in both)."""
+    b = phi.shape[0]
+    pts = torch.rand(b, points, 1, 2, generator=gen).to(phi.device)  # grid_sample's (x, y) in [0, 1]
+    grid = 2 * pts - 1
+    a = F.grid_sample(phi, grid, align_corners=True)[..., 0]
+    t = F.grid_sample(truth, grid, align_corners=True)[..., 0]
+    scale = phi.new_tensor([n - 1 for n in truth.shape[2:]]).view(1, 2, 1)
+    return (((a - t) * scale) ** 2).sum(1).mean()
+
+
+def homography_loss(phi: torch.Tensor) -> torch.Tensor:
+    """L1 (px) between a map and the homography fitted to it."""
+    shape = tuple(phi.shape[2:])
+    fitted = homography_map(fit_homography(phi), shape)
+    scale = phi.new_tensor([n - 1 for n in shape]).view(1, 2, 1, 1)
+    return ((phi - fitted) * scale).abs().sum(1).mean()
+
+
+@register_method("art")
+class ART(NetworkMethod):
+    """Registered method: ART's network; the dense map is the result, the homography fitted to it
+    comes with it. Instance optimisation fine-tunes a copy with LNCC plus the homography term."""
+
+    dims = (2,)
+    default_io_steps = 0
+    description = "ART: auto-regressive coarse-to-fine dense alignment of photos and 2D images, cross-attention guided"
+    io_lr = 1e-4
+    io_preview_every = 5
+
+    def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
+                 affine_iterations: int = 0, io_lr: float | None = None, io_lam_h: float = 0.05,
+                 io_window: int = 9, steps: int | None = None) -> None:
+        super().__init__(dim, device, checkpoint, affine_iterations=affine_iterations, io_lr=io_lr)
+        self.io_lam_h, self.io_window = float(io_lam_h), int(io_window)
+        # steps: stop after this many refinements (the step-efficiency experiment); default all
+        self.steps = self.net.steps if steps is None else int(steps)
+        if not 1 <= self.steps <= self.net.steps:
+            raise ValueError(f"steps must be in 1..{self.net.steps} for this checkpoint, got {steps}")
+
+    build = staticmethod(build)
+
+    def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
+        return (self.net.size, self.net.size)
+
+    def predict(self, net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        phi = net(moving, fixed)[self.steps - 1]
+        return coords.resize_map(phi, tuple(fixed.shape[2:]))
+
+    def io_objective(self, net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> IOObjective:
+        from ..losses import lncc
+
+        def objective() -> tuple[torch.Tensor, torch.Tensor]:
+            phi = net(moving, fixed)[-1]
+            loss = lncc(coords.sample(moving, phi), fixed, self.io_window) + self.io_lam_h * homography_loss(phi)
+            return loss, phi.detach()
+
+        return objective
+
+    def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
+                 init: MethodOutput | None = None):
+        out = yield from super().iter_run(moving, fixed, io_steps, init)
+        out.homography = fit_homography(out.map)[0]
+        return out

@@ -1,0 +1,104 @@
+"""ART: the exact identity, the homography fit, the losses, training through the shared loop, and
+the registered method end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_register import coords, register, weights
+from napari_register.coords import Geometry
+from napari_register.image import Image
+from napari_register.methods.art import ARTNet, build, fit_homography, homography_loss, homography_map, point_loss
+from napari_register.methods.registry import get_method, list_methods
+from napari_register.training import build_parser
+from napari_register.training.loop import train
+
+torch.set_num_threads(1)
+TINY = {"widths": [4, 8, 8], "attention_dim": 8, "attention_out": 4, "hidden": 8}
+
+
+def _homography(shift: float = 0.05) -> torch.Tensor:
+    return torch.tensor([[1.02, 0.03, shift], [-0.02, 0.97, -0.03], [0.05, -0.04, 1.0]])
+
+
+@pytest.mark.parametrize("cross_attention", [True, False])
+def test_identical_inputs_give_the_identity_fields_from_the_first_step(cross_attention):
+    torch.manual_seed(0)
+    net = ARTNet(size=48, cross_attention=cross_attention, **TINY)
+    for p in net.parameters():  # any weights, not only the zero-initialised update heads
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.rand(2, 1, 48, 48)
+    for d in net(x, x, fields=True):
+        torch.testing.assert_close(d[:, :2], torch.ones_like(d[:, :2]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(d[:, 2:], torch.zeros_like(d[:, 2:]), atol=1e-5, rtol=0)
+    y = torch.rand(2, 1, 48, 48)
+    assert (net(x, y, fields=True)[-1][:, 2:]).abs().max() > 1e-3  # and different inputs do move it
+
+
+def test_steps_double_the_resolution_and_sizes_are_checked():
+    net = ARTNet(size=96, **{**TINY, "widths": [4, 8, 8, 8]})
+    assert [m.shape[-1] for m in net(torch.rand(1, 1, 96, 96), torch.rand(1, 1, 96, 96))] == [24, 48, 96]
+    with pytest.raises(ValueError, match=r"12 \* 2\^K"):
+        ARTNet(size=100)
+    with pytest.raises(ValueError, match="2D"):
+        ARTNet(dim=3)
+
+
+def test_the_fitted_homography_recovers_a_homography_map_and_its_loss_is_zero():
+    m = _homography()
+    phi = homography_map(m[None], (40, 40))
+    torch.testing.assert_close(fit_homography(phi)[0], m, atol=1e-4, rtol=1e-4)
+    assert float(homography_loss(phi)) < 1e-3
+    bent = phi + 0.01 * torch.sin(6 * coords.identity_map((40, 40)))
+    assert float(homography_loss(bent)) > 0.05
+
+
+def test_point_loss_is_in_pixels_and_zero_at_the_truth():
+    truth = homography_map(_homography()[None], (32, 32))
+    assert float(point_loss(truth, truth, 50)) == pytest.approx(0.0, abs=1e-8)
+    shifted = truth + torch.tensor([2.0 / 31, 0.0]).view(1, 2, 1, 1)  # two pixels along rows
+    assert float(point_loss(shifted, truth, 50)) == pytest.approx(4.0, rel=1e-4)
+    coarse = coords.resize_map(truth, (8, 8))  # a coarser map is compared at the same image points
+    assert float(point_loss(coarse, truth, 50)) < 1e-3
+
+
+def _train(tmp_path, steps=2, options="{}"):
+    pytest.importorskip("skimage", reason="the photo pair source reads scikit-image's bundled photos")
+    args = build_parser().parse_args([
+        "--method", "art", "--dim", "2", "--out", str(tmp_path / "art.pt"), "--steps", str(steps), "--batch", "2",
+        "--shape", "48", "48", "--threads", "1", "--save-every", str(steps), "--lr", "1e-3",
+        "--config", json.dumps(TINY), "--recipe-options", options])
+    return train(args)
+
+
+def test_trained_by_the_loop_and_registered_end_to_end(tmp_path):
+    path = _train(tmp_path)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["method"] == "art" and card["steps"] == 2 and card["data"]["split"] == "train"
+    assert {"px2_step1", "px2_step2", "homography"} <= set(card["final_losses"])
+    assert not set(card["data"]["photos"]) & {"astronaut", "coffee", "chelsea", "rocket", "camera", "brick"}
+    assert "art" in list_methods(2) and "art" not in list_methods(3)
+    net, _ = weights.load(path, "art", 2, build)
+    assert net.size == 48
+    g = Geometry((60, 50), (1.0, 1.0), (0.0, 0.0), np.eye(2))
+    yy, xx = np.mgrid[:60, :50]
+    fixed = Image(np.exp(-((yy - 30) ** 2 + (xx - 25) ** 2) / 90.0).astype(np.float32), g)
+    moving = Image(np.exp(-((yy - 32) ** 2 + (xx - 24) ** 2) / 90.0).astype(np.float32), g)
+    result = register(moving, fixed, method="art", checkpoint=str(path), io_steps=2)
+    assert result.warped.shape == (60, 50) and result.homography is not None
+    assert result.homography.matrix.shape == (3, 3) and np.isfinite(result.homography.matrix).all()
+    assert np.isfinite(result.field.disp).all()
+    with pytest.raises(ValueError, match="steps must be in 1..2"):
+        get_method("art")(2, torch.device("cpu"), str(path), steps=3)
+
+
+def test_the_cross_attention_ablation_trains_too(tmp_path):
+    pytest.importorskip("skimage", reason="the photo pair source reads scikit-image's bundled photos")
+    args = build_parser().parse_args([
+        "--method", "art", "--dim", "2", "--out", str(tmp_path / "plain.pt"), "--steps", "1", "--batch", "2",
+        "--shape", "48", "48", "--threads", "1", "--config", json.dumps({**TINY, "cross_attention": False})])
+    net, _ = weights.load(train(args), "art", 2, build)
+    assert net.attention is None
