@@ -7,7 +7,7 @@ curve up to 10 and 25 px (normalised to 1; a failed pair counts as an infinite e
 :func:`benchmarks.photos.cases` for seeds ``--seeds`` (6 photos each, never in training). Peers
 that are not installed (OpenCV SIFT, elastix: the ``bench`` extra) are reported as such and left out.
 
-    python -m benchmarks alto_eval --alto alto=alto-2d --alto no-alt=runs/alto/alto-2d-noalt.pt --seeds 0 1 2 3
+    python -m benchmarks alto_eval --alto alto=alto-2d --alto no-alt=runs/alto/alto-2d-noalt.pt@0 --seeds 0 1 2 3
     python -m benchmarks alto_eval --select runs/alto/snapshots/*.pt   # model selection, see below
 
 ``--select``: rank checkpoints by MACE on *validation* pairs from the training photos (the
@@ -81,7 +81,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(summary: list[dict[str, Any]], labels: dict[str, str]) -> str:
     acc = " | ".join(f"< {t:g} px" for t in ACCEPT)
     aucs = " | ".join(f"AUC@{t:g}" for t in AUC_AT)
-    lines = [f"| variant | method | pairs (failed) | MACE mean | median | max | {acc} | {aucs} | s/pair |",
+    lines = [f"| variant | method | pairs (failed) | MACE mean (ok pairs) | median | max | {acc} | {aucs} | s/pair |",
              "|---|---|---|---|---|---|" + "---|" * (len(ACCEPT) + len(AUC_AT)) + "---|"]
     for s in summary:
         cells = [f"{s[f'acc<{t:g}']:.2f}" for t in ACCEPT] + [f"{s[f'auc@{t:g}']:.3f}" for t in AUC_AT]
@@ -137,6 +137,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks alto_eval", description=__doc__.splitlines()[0])
     p.add_argument("--alto", action="append", default=[],
                    help="LABEL=CHECKPOINT (a shipped name or a path); repeat for several (default: alto=alto-2d)")
+    p.add_argument("--io-steps", type=int, nargs="+", default=[0, 150],
+                   help="AltO's instance-optimisation steps (MIND corner fit), one row each (default 0 150)")
     p.add_argument("--variants", nargs="+", default=["clean", "modality"], choices=sorted(photos.VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="case seeds (6 photos each)")
     p.add_argument("--peers", default="identity,optimize,optimize_mind,opencv_sift,elastix_affine_bspline",
@@ -159,11 +161,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     have, missing = installed_peers()
     runners: dict[str, peers.Peer] = {}
     for spec in args.alto or ["alto=alto-2d"]:
-        label, _, ckpt = spec.partition("=")
+        label, _, rest = spec.partition("=")
+        ckpt, _, steps = rest.partition("@")
         if not ckpt:
-            raise SystemExit(f"--alto wants LABEL=CHECKPOINT, got {spec!r}")
-        runners[f"alto:{label}"] = ours("alto", checkpoint=ckpt, label=f"AltO ({label})", dims=(2,),
-                                        modalities=("mono", "multi"))
+            raise SystemExit(f"--alto wants LABEL=CHECKPOINT[@IO,IO...], got {spec!r}")
+        for io in ([int(x) for x in steps.split(",")] if steps else args.io_steps):
+            text = f"AltO ({label})" + (f" + corner fit {io}" if io else ", network")
+            runners[f"alto:{label}:io{io}"] = ours("alto", io_steps=io, checkpoint=ckpt, dims=(2,), label=text,
+                                                   modalities=("mono", "multi"))
     asked = [n for n in args.peers.split(",") if n]
     unknown = [n for n in asked if n not in have and n not in missing]
     if unknown:

@@ -180,12 +180,15 @@ def cluster_size(device: str = "auto") -> tuple[int, int]:
 def register_many(pairs: Iterable[Union[PairFiles, dict, Sequence[str]]], out: str | Path, *,
                   method: str = "optimize", checkpoint: Optional[str] = None, io_steps: Optional[int] = None,
                   device: str = "auto", options: Optional[dict] = None, workers: Optional[int] = None,
-                  scheduler: Optional[str] = None, client: Any = None, progress: bool = False) -> Any:
+                  scheduler: Optional[str] = None, client: Any = None, progress: bool = False,
+                  torch_threads: Optional[int] = None) -> Any:
     """Register every pair on Dask into ``out/<name>/``; returns the summary table (a pandas
     DataFrame when pandas is installed, else a list of dicts), also written as ``out/summary.*``.
 
     ``client``: a ``distributed.Client`` to use; else ``scheduler`` (an address) or a new
     ``LocalCluster`` of ``workers`` single-pair workers (default: :func:`cluster_size`).
+    ``torch_threads``: per worker (default: the cores shared among a local cluster's workers; a
+    given client or scheduler keeps its workers' own setting, which Dask makes 1).
     """
     from distributed import Client, LocalCluster, as_completed
 
@@ -201,7 +204,8 @@ def register_many(pairs: Iterable[Union[PairFiles, dict, Sequence[str]]], out: s
             todo.append((name, files))
     n_workers, threads = cluster_size(device) if workers is None else (workers, max(1, (os.cpu_count() or 1) // workers))
     settings = {"method": method, "checkpoint": checkpoint, "io_steps": io_steps, "device": device,
-                "options": options, "torch_threads": None if scheduler or client else threads}
+                "options": options,
+                "torch_threads": torch_threads if torch_threads else None if scheduler or client else threads}
     own: list[Any] = []
     if client is None and todo:
         if scheduler:
