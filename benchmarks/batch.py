@@ -74,7 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           memory_limit=None) as cluster, Client(cluster) as client:
             t1 = time.perf_counter()
-            table = register_many(pairs, folder, method=args.method, client=client, workers=workers)
+            table = register_many(pairs, folder, method=args.method, client=client, workers=workers,
+                                  torch_threads=max(1, cores // workers))
             t2 = time.perf_counter()
             peaks = client.run(_peak_rss_mb)
         return {"seconds": time.perf_counter() - t0, "seconds_without_startup": t2 - t1,
