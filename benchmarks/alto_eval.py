@@ -47,16 +47,6 @@ def installed_peers() -> tuple[dict[str, peers.Peer], dict[str, str]]:
     return have, missing
 
 
-def auc(errors: list[float], limit: float) -> float:
-    """Area under the fraction-of-pairs-below-``t`` curve for ``t`` in [0, limit], divided by ``limit``."""
-    e = np.sort(np.asarray(errors, dtype=np.float64))
-    if not len(e):
-        return float("nan")
-    ts = np.linspace(0, limit, 1001)
-    frac = np.searchsorted(e, ts, side="right") / len(e)
-    return float(np.trapezoid(frac, ts) / limit) if hasattr(np, "trapezoid") else float(np.trapz(frac, ts) / limit)
-
-
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -64,17 +54,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (task, peer), rs in groups.items():
         errs = [r["mace"] if "mace" in r and math.isfinite(r["mace"]) else math.inf for r in rs]
-        ok = [e for e in errs if math.isfinite(e)]
-        s: dict[str, Any] = {"task": task, "peer": peer, "cases": len(rs), "failed": len(rs) - len(ok),
-                             "mace_mean": float(np.mean(ok)) if ok else float("nan"),
-                             "mace_median": float(np.median(errs)),
-                             "mace_max": float(np.max(errs)),
-                             "seconds": float(np.mean([r["seconds"] for r in rs if "seconds" in r] or [np.nan]))}
-        for t in ACCEPT:
-            s[f"acc<{t:g}"] = float(np.mean([e < t for e in errs]))
-        for t in AUC_AT:
-            s[f"auc@{t:g}"] = auc(errs, t)
-        out.append(s)
+        s = photos.score(errs, ACCEPT, AUC_AT)
+        out.append({"task": task, "peer": peer, "cases": s.pop("n"), **s,
+                    "seconds": float(np.mean([r["seconds"] for r in rs if "seconds" in r] or [np.nan]))})
     return out
 
 
@@ -99,7 +81,8 @@ def validate(paths: list[str], n: int = 48, threads: int = 1) -> list[dict[str, 
 
     from napari_register import coords
     from napari_register.data.photos import make_pair, photo_names
-    from napari_register.methods.alto import build, px_from_norm
+    from napari_register.coords import px_from_norm
+    from napari_register.methods.alto import build
     from napari_register.weights import load
 
     torch.set_num_threads(threads)

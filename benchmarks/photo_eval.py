@@ -5,7 +5,7 @@
 Cases: :func:`benchmarks.photos.cases` (the benchmark's photos and seeds, never trained on), each
 variant ``len(PHOTOS) x seeds`` pairs. Per method: mean and median MACE (px, the patch's four
 corners), the acceptable rate (share of pairs under 3 / 5 / 10 px; a failed pair counts as
-unacceptable) and the AUC of the cumulative error curve up to 10 px. For a dense result the
+unacceptable) and the AUC of the cumulative error curve up to 10 px (:func:`photos.score`). For a dense result the
 homography fitted to it is scored (ART returns one); ``optimize``'s dense map is scored at the
 corners. ``art_k<k>`` stops ART after ``k`` refinement steps (the step-efficiency curve);
 ``art_nocal`` is the same recipe trained without cross-attention (``--ablation-checkpoint``).
@@ -103,19 +103,6 @@ def estimators(args: argparse.Namespace) -> dict[str, Estimator]:
     return out
 
 
-def score(errors: list[float]) -> dict[str, float]:
-    """Mean / median MACE over the pairs that did not fail, acceptable rates and AUC@10 over all."""
-    e = np.asarray(errors, np.float64)
-    ok = e[np.isfinite(e)]
-    t = np.linspace(0, THRESHOLDS[-1], 101)
-    curve = [(e < x).mean() for x in t]
-    return {"n": len(e), "failed": int((~np.isfinite(e)).sum()),
-            "mace_mean": float(ok.mean()) if ok.size else float("nan"),
-            "mace_median": float(np.median(ok)) if ok.size else float("nan"),
-            **{f"acc_{int(th)}px": float((e < th).mean()) for th in THRESHOLDS},
-            "auc_10px": float(np.trapezoid(curve, t) / THRESHOLDS[-1])}
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks photo_eval", description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["clean", "degraded", "modality"])
@@ -150,15 +137,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                     errors[variant][name].append(err)
             print(variant, seed, {m: round(float(np.mean(np.minimum(v[-6:], 99))), 1) for m, v in errors[variant].items()},
                   flush=True)
-    table = {v: {m: score(e) for m, e in ms.items()} for v, ms in errors.items()}
+    table = {v: {m: photos.score(e, THRESHOLDS) for m, e in ms.items()} for v, ms in errors.items()}
     lines = []
     for v, rows in table.items():
         lines += [f"## {v} ({len(photos.PHOTOS)} photos x {args.seeds} seeds)", "",
                   "| method | MACE mean (px) | median | < 3 px | < 5 px | < 10 px | AUC@10 | failed | s / pair |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for m, s in rows.items():
-            lines.append(f"| {m} | {s['mace_mean']:.2f} | {s['mace_median']:.2f} | {100 * s['acc_3px']:.0f} % | "
-                         f"{100 * s['acc_5px']:.0f} % | {100 * s['acc_10px']:.0f} % | {s['auc_10px']:.3f} | "
+            lines.append(f"| {m} | {s['mace_mean']:.2f} | {s['mace_median']:.2f} | {100 * s['acc<3']:.0f} % | "
+                         f"{100 * s['acc<5']:.0f} % | {100 * s['acc<10']:.0f} % | {s['auc@10']:.3f} | "
                          f"{s['failed']} | {np.mean(seconds[m]):.2f} |")
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,24 @@ def mace(estimate: Callable[[np.ndarray], np.ndarray], truth: np.ndarray) -> flo
 
 def to_sitk(a: np.ndarray) -> sitk.Image:
     return sitk.GetImageFromArray(a.astype(np.float32))
+
+
+def score(errors: list[float], accept: tuple[float, ...] = (3.0, 5.0, 10.0),
+          auc_at: tuple[float, ...] = (10.0,)) -> dict[str, float]:
+    """MACE statistics of one method on one variant; a failed pair is ``inf`` (counted, never
+    averaged in ``mace_mean``; the worst value in the median and the rates). ``acc<t``: share of
+    pairs under ``t`` px; ``auc@t``: area under the share-below curve on [0, t], divided by t."""
+    e = np.asarray(errors, dtype=np.float64)
+    ok = e[np.isfinite(e)]
+    out = {"n": int(e.size), "failed": int(e.size - ok.size),
+           "mace_mean": float(ok.mean()) if ok.size else float("nan"),
+           "mace_median": float(np.median(e)) if e.size else float("nan"),
+           "mace_max": float(e.max()) if e.size else float("nan")}
+    for t in accept:
+        out[f"acc<{t:g}"] = float((e < t).mean()) if e.size else float("nan")
+    for t in auc_at:
+        ts = np.linspace(0, t, 1001)
+        frac = np.searchsorted(np.sort(e), ts, side="right") / max(e.size, 1)
+        out[f"auc@{t:g}"] = float(np.trapezoid(frac, ts) / t)
+    return out
+

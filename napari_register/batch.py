@@ -47,11 +47,10 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------- the pairs
 
 def _name(path: str) -> str:
-    stem = Path(path).name
-    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-        if stem.lower().endswith(ext):
-            stem = stem[: -len(ext)]
-            break
+    from .image import file_suffix
+
+    name, ext = Path(path).name, file_suffix(Path(path))
+    stem = name[: len(name) - len(ext)] if ext else name
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "pair"
 
 

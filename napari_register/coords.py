@@ -213,20 +213,60 @@ def resize_image(image: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def apply_matrix(matrix: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """``matrix o phi``: a homogeneous ``(d+1, d+1)`` matrix on norm coordinates applied to the points
-    of a map ``(B, d, *S)`` (affine, or a 2D homography with the perspective divide). Exact and far
-    cheaper than resampling a matrix's map with :func:`compose`."""
+    """``matrix o phi``: a homogeneous ``(d+1, d+1)`` matrix on norm coordinates (or ``(B, d+1, d+1)``,
+    one per map of the batch) applied to the points of a map ``(B, d, *S)`` (affine, or a 2D
+    homography with the perspective divide). Exact and far cheaper than resampling a matrix's map
+    with :func:`compose`."""
     d = matrix.shape[-1] - 1
     pts = phi.flatten(2)  # (B, d, N)
-    out = matrix[:d, :d] @ pts + matrix[:d, d:]
-    if d and bool((matrix[d, :d] != 0).any() or matrix[d, d] != 1):
-        out = out / (matrix[d:, :d] @ pts + matrix[d:, d:])
-    return out.reshape(phi.shape)
+    out = matrix[..., :d, :d] @ pts + matrix[..., :d, d:]
+    if d and bool((matrix[..., d, :d] != 0).any() or (matrix[..., d, d] != 1).any()):
+        out = out / (matrix[..., d:, :d] @ pts + matrix[..., d:, d:])
+    return out.reshape(out.shape[0], d, *phi.shape[2:])
 
 
 def matrix_map(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Map ``(1, d, *shape)`` of a homogeneous ``(d+1, d+1)`` matrix acting on norm coordinates."""
+    """Map ``(1, d, *shape)`` of a homogeneous ``(d+1, d+1)`` matrix acting on norm coordinates
+    (``(B, d, *shape)`` for a batch of matrices ``(B, d+1, d+1)``)."""
     return apply_matrix(matrix, identity_map(tuple(shape), matrix.device, matrix.dtype))
+
+
+def fit_homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """``(..., 3, 3)`` homographies (h33 = 1) with ``dst ~ H src`` for 2D point sets ``(..., N, 2)``:
+    the DLT equations, solved exactly for N = 4 and by least squares for more; float64 inside,
+    differentiable, returned in ``dst``'s dtype."""
+    if src.shape != dst.shape or src.shape[-1] != 2 or src.shape[-2] < 4:
+        raise ValueError(f"fit_homography: expected two (..., N >= 4, 2) point sets, got {tuple(src.shape)} "
+                         f"and {tuple(dst.shape)}")
+    s, t = src.double(), dst.double()
+    x, y, u, v = s[..., 0], s[..., 1], t[..., 0], t[..., 1]
+    o, z = torch.ones_like(x), torch.zeros_like(x)
+    a = torch.cat([torch.stack([x, y, o, z, z, z, -u * x, -u * y], -1),
+                   torch.stack([z, z, z, x, y, o, -v * x, -v * y], -1)], -2)  # (..., 2N, 8)
+    rhs = torch.cat([u, v], -1)
+    h = torch.linalg.solve(a, rhs) if src.shape[-2] == 4 else torch.linalg.lstsq(a, rhs[..., None]).solution[..., 0]
+    return torch.cat([h, o[..., :1]], -1).view(*h.shape[:-1], 3, 3).to(dst.dtype)
+
+
+def _norm_from_px_xy(shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, A^-1)``: pixel (x, y, 1) of a 2D image of ``shape`` -> norm (row, col, 1)."""
+    swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
+    a = torch.from_numpy(norm_from_vox(tuple(shape))) @ swap
+    return a.to(like.device, like.dtype), torch.linalg.inv(a).to(like.device, like.dtype)
+
+
+def norm_from_px(h_px: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A pixel (x, y) homography (OpenCV's order) as the norm-frame (row, col) matrix of the same map
+    on a 2D image of ``shape`` (moving and fixed share it). ``(3, 3)`` or ``(B, 3, 3)``."""
+    a, a_inv = _norm_from_px_xy(shape, h_px)
+    return a @ h_px @ a_inv
+
+
+def px_from_norm(m: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`norm_from_px`, scaled so ``h33 = 1``."""
+    a, a_inv = _norm_from_px_xy(shape, m)
+    h = a_inv @ m @ a
+    return h / h[..., 2:, 2:]
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

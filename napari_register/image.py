@@ -66,7 +66,8 @@ class Image:
         return replace(self, array=array, **kw)
 
 
-def _suffix(path: Path) -> str:
+def file_suffix(path: Path) -> str:
+    """The lower-case extension, ``.nii.gz`` counted as one."""
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
@@ -75,7 +76,7 @@ def is_supported(path: str | os.PathLike) -> bool:
     p = Path(path)
     if p.is_dir():  # any DICOM: a folder of two series is ours too, so that reading it says why not
         return bool(_series_ids(p))
-    return _suffix(p) in NIFTI_EXT + ITK_EXT + PHOTO_EXT
+    return file_suffix(p) in NIFTI_EXT + ITK_EXT + PHOTO_EXT
 
 
 def read_image(path: str | os.PathLike, *, labels: bool = False) -> Image:
@@ -88,7 +89,7 @@ def read_image(path: str | os.PathLike, *, labels: bool = False) -> Image:
     p = Path(path)
     if not p.exists():
         raise missing(p)
-    suffix = _suffix(p)
+    suffix = file_suffix(p)
     try:
         if p.is_dir():
             img = _read_dicom(p)
@@ -332,7 +333,7 @@ def write_image(image: Image, path: str | os.PathLike, *, protect: tuple[str, ..
         if q and Path(q).exists() and p.exists() and p.resolve() == Path(q).resolve():
             raise OutputError(f"{p}: refusing to overwrite an input file; choose another output location")
     p.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(p)
+    suffix = file_suffix(p)
     if suffix in NIFTI_EXT:
         _write_nifti(image, p)
     elif suffix in ITK_EXT:

@@ -65,11 +65,13 @@ def is_done(out: Path) -> bool:
 
 
 def out_ext(fixed_path: str) -> str:
-    name = Path(fixed_path).name.lower()
-    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-        if name.endswith(ext):
-            return ".mha" if ext == ".mhd" else ext
-    return ".nii.gz"  # DICOM folders and anything else
+    """The fixed image's own format for the warped image (``.mhd`` headers as one ``.mha`` file)."""
+    from .image import ITK_EXT, NIFTI_EXT, PHOTO_EXT, file_suffix
+
+    ext = file_suffix(Path(fixed_path))
+    if ext not in NIFTI_EXT + ITK_EXT + PHOTO_EXT:
+        return ".nii.gz"  # DICOM folders
+    return ".mha" if ext == ".mhd" else ext
 
 
 def labels_like(path: str, image: Any, role: str = "") -> Any:

@@ -11,10 +11,10 @@ import torch
 
 from napari_register import coords, register, weights
 from napari_register.coords import Geometry
-from napari_register.data.photos import homography, make_pair
+from napari_register.coords import norm_from_px, px_from_norm
+from napari_register.data.photos import make_pair
 from napari_register.image import Image
-from napari_register.methods.alto import (AltONet, build, corner_homography, corners_px, dlt, homography_map,
-                                          norm_from_px, px_from_norm, warp)
+from napari_register.methods.alto import AltONet, build, corner_homography, corners_px, warp
 from napari_register.methods.registry import get_method
 from napari_register.training import build_parser
 from napari_register.training.loop import train
@@ -27,7 +27,7 @@ TINY = {"reg_widths": [4, 4], "reg_hidden": 8, "enc_widths": [4, 4, 8, 8]}
 
 def _random_h(gen: torch.Generator, n: int = 3, side: int = 40, rho: float = 6.0) -> torch.Tensor:
     src = corners_px((side, side))[None].expand(n, 4, 2)
-    return dlt(src, src + rho * (2 * torch.rand(n, 4, 2, generator=gen, dtype=torch.float64) - 1))
+    return coords.fit_homography(src, src + rho * (2 * torch.rand(n, 4, 2, generator=gen, dtype=torch.float64) - 1))
 
 
 def test_px_norm_round_trip_and_agreement_with_the_photo_source():
@@ -39,7 +39,7 @@ def test_px_norm_round_trip_and_agreement_with_the_photo_source():
     # the photo source's truth: H_px (x, y) and the dense norm map must be the same transform
     pair = make_pair(torch.rand(1, 120, 120, generator=gen), gen, size=32, rho=6)
     m = norm_from_px(pair.truth_matrix[None], (32, 32)).float()
-    torch.testing.assert_close(homography_map(m, (32, 32)), pair.truth_map, atol=1e-5, rtol=0)
+    torch.testing.assert_close(coords.matrix_map(m, (32, 32)), pair.truth_map, atol=1e-5, rtol=0)
 
 
 def test_batched_map_matches_coords_matrix_map_and_dlt_matches_the_photo_source():
@@ -47,10 +47,11 @@ def test_batched_map_matches_coords_matrix_map_and_dlt_matches_the_photo_source(
     h = _random_h(gen)
     m = norm_from_px(h, (24, 36))
     for k in range(3):
-        torch.testing.assert_close(homography_map(m, (24, 36))[k], coords.matrix_map(m[k], (24, 36))[0])
+        torch.testing.assert_close(coords.matrix_map(m, (24, 36))[k], coords.matrix_map(m[k], (24, 36))[0])
         src = corners_px((40, 40))
-        torch.testing.assert_close(dlt(src[None], coords_apply(h[k], src)[None])[0],
-                                   homography(src, coords_apply(h[k], src)))
+        torch.testing.assert_close(coords.fit_homography(src[None], coords_apply(h[k], src)[None])[0],
+                                   coords.fit_homography(src, coords_apply(h[k], src)))
+        torch.testing.assert_close(coords.fit_homography(src, coords_apply(h[k], src)), h[k])  # recovers H
 
 
 def coords_apply(h: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ def test_a_known_homography_warps_as_expected():
     torch.testing.assert_close(out[0, 0, :37, :45], img[0, 0, 3:, 5:], atol=1e-5, rtol=0)
     # a perspective one: the warped image at a fixed pixel is the moving image where H sends it
     src = corners_px((40, 50))
-    hp = dlt(src[None], (src + torch.tensor([[2.0, 1], [-3, 2], [1, -2], [2, 3]], dtype=torch.float64))[None])[0]
+    hp = coords.fit_homography(src[None], (src + torch.tensor([[2.0, 1], [-3, 2], [1, -2], [2, 3]], dtype=torch.float64))[None])[0]
     out = warp(img.double(), norm_from_px(hp, (40, 50))[None])
     x, y = 20, 17  # fixed px (x = column)
     u, v = coords.apply_h(hp.numpy(), np.array([[x, y]]))[0]

@@ -11,7 +11,7 @@ import torch
 from napari_register import coords, register, weights
 from napari_register.coords import Geometry
 from napari_register.image import Image
-from napari_register.methods.art import ARTNet, build, fit_homography, homography_loss, homography_map, point_loss
+from napari_register.methods.art import ARTNet, build, fit_homography, homography_loss, point_loss
 from napari_register.methods.registry import get_method, list_methods
 from napari_register.training import build_parser
 from napari_register.training.loop import train
@@ -49,7 +49,7 @@ def test_steps_double_the_resolution_and_sizes_are_checked():
 
 def test_the_fitted_homography_recovers_a_homography_map_and_its_loss_is_zero():
     m = _homography()
-    phi = homography_map(m[None], (40, 40))
+    phi = coords.matrix_map(m[None], (40, 40))
     torch.testing.assert_close(fit_homography(phi)[0], m, atol=1e-4, rtol=1e-4)
     assert float(homography_loss(phi)) < 1e-3
     bent = phi + 0.01 * torch.sin(6 * coords.identity_map((40, 40)))
@@ -57,7 +57,7 @@ def test_the_fitted_homography_recovers_a_homography_map_and_its_loss_is_zero():
 
 
 def test_point_loss_is_in_pixels_and_zero_at_the_truth():
-    truth = homography_map(_homography()[None], (32, 32))
+    truth = coords.matrix_map(_homography()[None], (32, 32))
     assert float(point_loss(truth, truth, 50)) == pytest.approx(0.0, abs=1e-8)
     shifted = truth + torch.tensor([2.0 / 31, 0.0]).view(1, 2, 1, 1)  # two pixels along rows
     assert float(point_loss(shifted, truth, 50)) == pytest.approx(4.0, rel=1e-4)

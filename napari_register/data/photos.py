@@ -111,15 +111,6 @@ def _fitted(name: str, short: int) -> torch.Tensor:
     return _fit(_channels(name), short)
 
 
-def homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """``(3, 3)`` H (h33 = 1) with ``dst ~ H src`` for four ``(4, 2)`` point pairs (the 8x8 DLT system)."""
-    x, y, u, v = src[:, 0], src[:, 1], dst[:, 0], dst[:, 1]
-    o, z = torch.ones_like(x), torch.zeros_like(x)
-    a = torch.cat([torch.stack([x, y, o, z, z, z, -u * x, -u * y], 1),
-                   torch.stack([z, z, z, x, y, o, -v * x, -v * y], 1)])
-    return torch.cat([torch.linalg.solve(a, torch.cat([u, v])), o[:1]]).view(3, 3)
-
-
 def patch_corners(size: int, view: Optional[int] = None) -> torch.Tensor:
     """``(4, 2)`` float64 (x, y) pixel centres of the central ``size`` patch of a ``view`` image."""
     lo = ((view or size) - size) / 2
@@ -161,11 +152,10 @@ def make_pair(photo: Photo, gen: torch.Generator, size: int = 128, rho: float = 
     corners = patch_corners(size, V)
     ident = coords.identity_map((V, V), dtype=torch.float64)
     to_norm, photo_norm = torch.from_numpy(coords.norm_from_vox((V, V))), torch.from_numpy(coords.norm_from_vox(shape))
-    swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)  # (x, y) <-> (row, col)
     for _ in range(5):  # geometry first, always the same draws, so options after it keep the crop and H
         u = torch.rand(11, generator=gen, dtype=torch.float64)
         s = scale[0] + (scale[1] - scale[0]) * float(u[10])
-        h = homography(corners, (corners - corners.mean(0)) * s + corners.mean(0) + (2 * u[2:10].view(4, 2) - 1) * rho)
+        h = coords.fit_homography(corners, (corners - corners.mean(0)) * s + corners.mean(0) + (2 * u[2:10].view(4, 2) - 1) * rho)
         shift = torch.eye(3, dtype=torch.float64)
         shift[:2, 2] = torch.tensor([(need - V) / 2 + float(u[i]) * max(n - need, 0.0) for i, n in enumerate(shape)])
         photo_from_fixed = photo_norm @ shift @ torch.linalg.inv(to_norm)  # norm -> norm, no warp
@@ -177,7 +167,7 @@ def make_pair(photo: Photo, gen: torch.Generator, size: int = 128, rho: float = 
         disp = random_map((V, V), gen, max_disp=2 * elastic / (V - 1), max_shift=0.0).double() - ident
         pts = ident + disp - disp.mean((2, 3), keepdim=True)  # zero mean: the homography keeps the global motion
         fixed = coords.sample(big[:, :1], coords.apply_matrix(photo_from_fixed, pts), padding_mode="reflection")
-    moving_from_fixed = to_norm @ swap @ h @ swap @ torch.linalg.inv(to_norm)  # H on norm (row, col)
+    moving_from_fixed = coords.norm_from_px(h, (V, V))  # H on norm (row, col)
     moving = coords.sample(big, coords.apply_matrix(photo_from_fixed @ torch.linalg.inv(moving_from_fixed), ident),
                            padding_mode="reflection")
     mode = ""

@@ -9,7 +9,7 @@ Three parts, one module (:class:`AltONet`), so the generic loop saves and resume
   quartered/halved), then the 8 x 8 map flattened through a hidden FC layer (``reg_hidden``, DHN: 1024)
   to the 8 corner offsets. The last layer starts at zero (identity) and its output is scaled by
   ``offset_scale`` px. The four offsets are solved to a 3x3 homography by the DLT
-  (:func:`corner_homography`, ``torch.linalg.solve``, differentiable).
+  (:func:`corner_homography`, ``coords.fit_homography``, differentiable).
   The authors pair AltO with DHN (a ResNet-34 regressor in their code), IHN, RAFT or RHWF; this is
   the smallest of them, cut to what two CPU cores train in an hour.
 * ``enc`` - the encoder E (:class:`Encoder`): ResNet-34's stem *without* the max-pool after the
@@ -24,8 +24,8 @@ and travel in the checkpoint so a run can resume.
 
 Homography frames: ``H_px`` is moving px from fixed px on ``(x, y, 1)``, x = column (OpenCV's
 order, the photo source's ``truth_matrix``); ``M`` is the same map as moving_norm_from_fixed_norm on
-``(row, col, 1)`` in :mod:`napari_register.coords`' norm frame. :func:`norm_from_px` and
-:func:`px_from_norm` convert, batched or not.
+``(row, col, 1)`` in :mod:`napari_register.coords`' norm frame. ``coords.norm_from_px`` and
+``coords.px_from_norm`` convert, batched or not.
 """
 from __future__ import annotations
 
@@ -54,62 +54,17 @@ def corners_px(shape: Sequence[int]) -> torch.Tensor:
     return torch.tensor([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]], dtype=torch.float64)
 
 
-def dlt(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, 3)`` homographies (h33 = 1) with ``dst ~ H src`` for point sets ``(B, 4, 2)``: the
-    8x8 DLT system, solved in float64 (``torch.linalg.solve``; differentiable) and returned in the
-    dtype of ``dst``."""
-    if src.shape != dst.shape or src.shape[-2:] != (4, 2):
-        raise ValueError(f"dlt: expected two (B, 4, 2) point sets, got {tuple(src.shape)} and {tuple(dst.shape)}")
-    s, d = src.double(), dst.double()
-    x, y, u, v = s[..., 0], s[..., 1], d[..., 0], d[..., 1]
-    o, z = torch.ones_like(x), torch.zeros_like(x)
-    a = torch.cat([torch.stack([x, y, o, z, z, z, -u * x, -u * y], -1),
-                   torch.stack([z, z, z, x, y, o, -v * x, -v * y], -1)], -2)  # (B, 8, 8)
-    h = torch.linalg.solve(a, torch.cat([u, v], -1))  # (B, 8)
-    return torch.cat([h, o[..., :1]], -1).view(*h.shape[:-1], 3, 3).to(dst.dtype)
-
-
 def corner_homography(offsets: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """``H_px (B, 3, 3)`` (moving px from fixed px, (x, y)) that moves the image corners of
     :func:`corners_px` by ``offsets (B, 4, 2)`` px (x, y); zero offsets give the identity."""
     src = corners_px(shape).to(offsets.device)[None].expand(offsets.shape[0], 4, 2)
-    return dlt(src, src.to(offsets.dtype) + offsets)
-
-
-def _swap_norm(shape: Sequence[int], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, A^-1)`` with ``A = norm_from_vox @ swap``: px (x, y, 1) -> norm (row, col, 1)."""
-    swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
-    a = torch.from_numpy(coords.norm_from_vox(tuple(shape))) @ swap
-    return a.to(like.device, like.dtype), torch.linalg.inv(a).to(like.device, like.dtype)
-
-
-def norm_from_px(h_px: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Pixel (x, y) homography ``H_px`` -> the norm-frame (row, col) matrix ``M`` of the same map on
-    an image of ``shape`` (array order; moving and fixed share it). ``(3, 3)`` or ``(B, 3, 3)``."""
-    a, a_inv = _swap_norm(shape, h_px)
-    return a @ h_px @ a_inv
-
-
-def px_from_norm(m: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`norm_from_px`, scaled so ``h33 = 1``."""
-    a, a_inv = _swap_norm(shape, m)
-    h = a_inv @ m @ a
-    return h / h[..., 2:, 2:]
-
-
-def homography_map(m: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Maps ``(B, 2, *shape)`` of norm-frame matrices ``m (B, 3, 3)``: :func:`coords.matrix_map` for
-    a batch (one matrix per image, with the perspective divide)."""
-    pts = coords.identity_map(tuple(shape), m.device, m.dtype).flatten(2)  # (1, 2, N)
-    out = m[:, :2, :2] @ pts + m[:, :2, 2:]
-    out = out / (m[:, 2:, :2] @ pts + m[:, 2:, 2:])
-    return out.view(m.shape[0], 2, *shape)
+    return coords.fit_homography(src, src.to(offsets.dtype) + offsets)
 
 
 def warp(moving: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``moving (B, C, *S)`` sampled through the norm-frame homographies ``m (B, 3, 3)``: the moving
-    image on the fixed grid (``coords.sample`` at :func:`homography_map`; border padding)."""
-    return coords.sample(moving, homography_map(m, tuple(moving.shape[2:])))
+    image on the fixed grid (``coords.sample`` at ``coords.matrix_map``; border padding)."""
+    return coords.sample(moving, coords.matrix_map(m, tuple(moving.shape[2:])))
 
 
 # ----------------------------------------------------------------------------- the networks
@@ -221,10 +176,10 @@ class AltONet(nn.Module):
 
     def matrix(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """``M (B, 3, 3)``: moving_norm_from_fixed_norm, (row, col)."""
-        return norm_from_px(self.homography_px(moving, fixed), (self.size, self.size))
+        return coords.norm_from_px(self.homography_px(moving, fixed), (self.size, self.size))
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return homography_map(self.matrix(moving, fixed), (self.size, self.size))
+        return coords.matrix_map(self.matrix(moving, fixed), (self.size, self.size))
 
 
 def build(**config: Any) -> AltONet:
@@ -302,7 +257,7 @@ class AltO(NetworkMethod):
 
             def objective() -> tuple[torch.Tensor, torch.Tensor]:
                 offsets = net.reg.offset_scale * last(hidden).view(-1, 4, 2)
-                mat = norm_from_px(corner_homography(offsets, shape), shape)[0]
+                mat = coords.norm_from_px(corner_homography(offsets, shape), shape)[0]
                 warped = coords.sample(moving, coords.matrix_map(mat, shape))
                 sigma = self.io_blur * max(0.0, 1.0 - step[0] / io_steps)
                 step[0] += 1

@@ -192,23 +192,11 @@ def build(**config: Any) -> ARTNet:
 
 def fit_homography(phi: torch.Tensor, stride: int = 4) -> torch.Tensor:
     """``(B, 3, 3)`` homographies, norm frame (row, col), fitted to maps ``(B, 2, H, W)`` by least
-    squares (the DLT equations on every ``stride``-th pixel)."""
-    b, _, h, w = phi.shape
-    src = coords.identity_map((h, w), phi.device, phi.dtype)[:, :, ::stride, ::stride].flatten(2)[0]  # (2, N)
-    dst = phi[:, :, ::stride, ::stride].flatten(2)  # (B, 2, N)
-    x, y = src[0].expand(b, -1), src[1].expand(b, -1)
-    u, v = dst[:, 0], dst[:, 1]
-    o, z = torch.ones_like(x), torch.zeros_like(x)
-    a = torch.cat([torch.stack([x, y, o, z, z, z, -u * x, -u * y], -1),
-                   torch.stack([z, z, z, x, y, o, -v * x, -v * y], -1)], 1)  # (B, 2N, 8)
-    rhs = torch.cat([u, v], 1)[..., None]
-    sol = torch.linalg.lstsq(a.double(), rhs.double()).solution[..., 0].to(phi.dtype)
-    return torch.cat([sol, sol.new_ones(b, 1)], 1).view(b, 3, 3)
-
-
-def homography_map(matrix: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``(B, 2, *shape)`` map of homographies ``(B, 3, 3)`` (norm frame)."""
-    return torch.cat([coords.matrix_map(m, shape) for m in matrix])
+    squares on every ``stride``-th pixel (:func:`coords.fit_homography`)."""
+    src = coords.identity_map(tuple(phi.shape[2:]), phi.device, phi.dtype)[:, :, ::stride, ::stride]
+    dst = phi[:, :, ::stride, ::stride]
+    return coords.fit_homography(src.flatten(2).transpose(1, 2).expand(phi.shape[0], -1, -1),
+                                 dst.flatten(2).transpose(1, 2))
 
 
 def point_loss(phi: torch.Tensor, truth: torch.Tensor, points: int, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -226,7 +214,7 @@ def point_loss(phi: torch.Tensor, truth: torch.Tensor, points: int, gen: torch.G
 def homography_loss(phi: torch.Tensor) -> torch.Tensor:
     """L1 (px) between a map and the homography fitted to it."""
     shape = tuple(phi.shape[2:])
-    fitted = homography_map(fit_homography(phi), shape)
+    fitted = coords.matrix_map(fit_homography(phi), shape)
     scale = phi.new_tensor([n - 1 for n in shape]).view(1, 2, 1, 1)
     return ((phi - fitted) * scale).abs().sum(1).mean()
 

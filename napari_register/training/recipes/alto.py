@@ -30,7 +30,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ...losses import barlow_twins, corner_loss
-from ...methods.alto import RHO, TRAIN_SIZE, build, norm_from_px, warp
+from ...coords import norm_from_px
+from ...methods.alto import RHO, TRAIN_SIZE, build, warp
 from ..recipe import Batch, Optimiser, Phase, Recipe, RunSettings, resolve_options, unwrap
 
 DIMS = (2,)
