@@ -19,7 +19,7 @@ from .image import Image, check_registrable, read_image
 from .intensity import normalise
 from .metrics import fold_fraction
 from .methods.registry import Method, MethodOutput, check_options, get_method, list_methods
-from .progress import Cancelled, Progress
+from .progress import Cancelled, Progress, Stage, Tracker, seconds_scale
 from .resources import plan_run
 from .transforms import Composite, DisplacementField, MatrixTransform, Transform, warp_image
 
@@ -45,6 +45,8 @@ class RegistrationResult:
     notes: list[str] = field(default_factory=list)  # what the run changed or noticed (see Progress.message)
     # a homography fitted to a dense result (moving_from_fixed, physical; pixels for photos), to export
     homography: Optional[MatrixTransform] = None
+    # measured seconds of each stage of the run, in order (the estimate's plan: ``Method.plan``)
+    timings: list[tuple[str, float]] = field(default_factory=list)
 
     def warp_labels(self, labels: Image) -> Image:
         """Warp a moving label map (nearest neighbour, label set kept) onto the fixed grid."""
@@ -207,7 +209,7 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     algo = make_method(method, fix.ndim, dev, checkpoint, options)
     dev, cls = algo.device, type(algo)
     method = cls.name
-    steps = cls.default_io_steps if io_steps is None else int(io_steps)
+    steps = cls.io_steps_default(dev) if io_steps is None else int(io_steps)
     if steps < 0:
         raise InputError(f"io_steps must be >= 0, got {steps}")
     init_tx = centre_alignment(mov.geometry, fix.geometry)
@@ -229,9 +231,13 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     overlap = _overlap_note(mov.geometry, fix.geometry)
     if overlap:
         yield note(overlap)
-    yield Progress("preparing", 0, 1)
+    tracker = Tracker(_plan(algo, fix.shape, shape, steps, init is not None),
+                      seconds_scale(dev.type, torch.get_num_threads()))
+    yield Progress("estimate", 0, 0, eta=tracker.estimate)
+    yield tracker.update(Progress("preparing", 0, 1))
     try:
-        out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, init_out, dev, cancel, previews)
+        out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, init_out, dev, cancel, previews,
+                                     tracker)
     except Exception as e:
         if not _out_of_memory(e):
             raise
@@ -247,11 +253,11 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
             torch.cuda.empty_cache()  # give back what the failed attempt held
         dev = torch.device("cpu")
         algo = make_method(method, fix.ndim, dev, checkpoint, options)
-        out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, None, dev, cancel, previews)
+        out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, None, dev, cancel, previews, tracker)
     if not isinstance(out, MethodOutput):
         raise TypeError(f"method {method!r} returned {type(out).__name__}, expected MethodOutput")
     # the full-resolution work takes seconds on a large volume: Cancel is honoured between its parts
-    yield Progress("finishing", 0, 1)
+    yield tracker.update(Progress("finishing", 0, 1))
     _check_cancel(cancel)
     transform, dense = _physical_transform(out, fix.geometry, init_tx, shape)
     _check_cancel(cancel)
@@ -260,12 +266,27 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     jac = dense.jacobian()
     homography = None if out.homography is None else MatrixTransform(
         init_tx.matrix @ _physical_matrix(out.homography, fix.geometry, shape))
+    yield tracker.update(Progress("done", 1, 1))
     return RegistrationResult(
         transform=transform, field=dense, warped=warped,
         jacobian=Image(jac, fix.geometry), fold_fraction=fold_fraction(jac),
         seconds=time.perf_counter() - start, method=method,
         checkpoint=algo.checkpoint_name, io_steps=steps, device=str(dev),
-        fixed=fix, moving=mov, output=out, loss=out.loss, notes=notes, homography=homography)
+        fixed=fix, moving=mov, output=out, loss=out.loss, notes=notes, homography=homography,
+        timings=tracker.timings)
+
+
+# seconds per fixed-grid voxel on the reference CPU (2 threads): resampling both images onto the
+# working grid, and bringing the map back (field, warped image, Jacobian); OASIS and histology pairs
+PREPARE_SECONDS, FINISH_SECONDS = 2e-8, 1e-7
+
+
+def _plan(algo: Method, fixed_shape: tuple[int, ...], shape: tuple[int, ...], steps: int,
+          continuing: bool) -> list[Stage]:
+    """The whole run's stages: the pipeline's own around the method's (see ``Method.plan``)."""
+    voxels = float(np.prod(fixed_shape))
+    return ([Stage("preparing", 1, PREPARE_SECONDS * voxels)] + algo.plan(shape, steps, continuing)
+            + [Stage("finishing", 1, FINISH_SECONDS * voxels)])
 
 
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
@@ -275,7 +296,7 @@ def _check_cancel(cancel: Callable[[], bool] | None) -> None:
 
 def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, shape: tuple[int, ...],
                 steps: int, init_out: MethodOutput | None, dev: torch.device,
-                cancel: Callable[[], bool] | None, previews: bool) -> Generator[Progress, None, Any]:
+                cancel: Callable[[], bool] | None, previews: bool, tracker: Tracker) -> Generator[Progress, None, Any]:
     """The method's own loop on the working grid, polling ``cancel`` before every step (so a Cancel
     costs at most the step under way) and adding previews; returns the method's output."""
     fixed_t = _working_tensor(fix, None, fix.geometry, shape, dev)
@@ -295,7 +316,7 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
                 tx, _ = _physical_transform(MethodOutput(map=progress.map), work, init_tx, shape)
                 progress.warped = warp_image(mov, tx, work)
                 _check_cancel(cancel)
-            yield progress
+            yield tracker.update(progress)
     finally:
         gen.close()
 

@@ -4,12 +4,13 @@ network methods fine-tune a *copy* of their network (the shipped model is never 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Generator, Iterable
 
 import torch
 
 from .coords import matrix_map, resize_image, sample
-from .progress import Progress
+from .progress import Progress, Stage
 
 LossFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 """Returns ``(loss, map)``: the scalar to minimise and the current fixed->moving map (for previews)."""
@@ -87,6 +88,21 @@ def finetune_copy(model: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
+def affine_shape(shape: tuple[int, ...], size: int = 48) -> tuple[int, ...]:
+    """The coarse grid :func:`iter_affine` works on: longest side about ``size``."""
+    f = max(max(shape) / size, 1.0)
+    return tuple(max(int(round(s / f)), 4) for s in shape)
+
+
+# seconds per voxel of the affine grid and step on the reference CPU (2 threads; OASIS and histology)
+AFFINE_SECONDS = 1.0e-7
+
+
+def affine_stage(shape: tuple[int, ...], iterations: int, size: int = 48, label: str = "affine") -> Stage:
+    """The planned :class:`Stage` of an :func:`iter_affine` run."""
+    return Stage(label, iterations, AFFINE_SECONDS * math.prod(affine_shape(shape, size)) * iterations)
+
+
 def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 iterations: int = 50, size: int = 48, stage: str = "affine") -> Generator[Progress, None, torch.Tensor]:
     """Affine pre-alignment of ``moving`` onto ``fixed`` (``(1, 1, *S)``), shared by every method that
@@ -95,8 +111,7 @@ def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[
     It sees only the coarse shape of the images: a grid whose longest side is about ``size``."""
     shape = tuple(fixed.shape[2:])
     d = len(shape)
-    f = max(max(shape) / size, 1.0)
-    ashape = tuple(max(int(round(s / f)), 4) for s in shape)
+    ashape = affine_shape(shape, size)
     fix_a, mov_a = resize_image(fixed, ashape), resize_image(moving, ashape)
     theta = torch.zeros(d, d + 1, device=fixed.device, requires_grad=True)  # A - I | t
     centre = torch.full((d,), 0.5, device=fixed.device)

@@ -96,8 +96,8 @@ def test_points_both_ways(brain):
 def test_progress_cancel_and_bad_input(brain):
     img, _ = brain
     gen = iter_register(img, img, options=FAST, device="cpu")
-    first = next(gen)
-    assert first.stage == "preparing"
+    estimate, first = next(gen), next(gen)
+    assert estimate.stage == "estimate" and first.stage == "preparing"
     steps = [next(gen) for _ in range(3)]
     assert all(s.loss is not None for s in steps)
     calls = iter([False, False, True])

@@ -7,6 +7,7 @@ optimisation, which fine-tunes a *copy* of the network on the pair (the loaded m
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Generator, Optional
 
@@ -14,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from .. import coords, weights
-from ..instance_opt import finetune_copy, iter_affine, iter_optimise
-from ..progress import Progress
+from ..instance_opt import affine_stage, finetune_copy, iter_affine, iter_optimise
+from ..progress import Progress, Stage
 from .registry import Method, MethodOutput
 
 IOObjective = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -51,6 +52,20 @@ class NetworkMethod(Method):
         path = weights.resolve(checkpoint, f"{self.name}-{dim}d")
         self.net, self.card = self.load(path, device)
         self.checkpoint_name = path.stem if path.parent == weights.CHECKPOINT_DIR else str(path)
+
+    # seconds per working voxel on the reference CPU (2 threads): the network's map, one IO step
+    network_seconds: ClassVar[dict[int, float]] = {2: 1e-6, 3: 1e-6}
+    io_seconds: ClassVar[dict[int, float]] = {2: 1e-5, 3: 1e-5}
+
+    def plan(self, shape: tuple[int, ...], io_steps: int, continuing: bool = False) -> list[Stage]:
+        voxels = math.prod(shape)
+        stages = []
+        if self.affine_iterations and not continuing:
+            stages.append(affine_stage(shape, self.affine_iterations, label=f"{self.name} affine"))
+        stages.append(Stage("network", 1, self.network_seconds[self.dim] * voxels))
+        if io_steps > 0:
+            stages.append(Stage("instance optimisation", io_steps, self.io_seconds[self.dim] * voxels * io_steps))
+        return stages
 
     # ------------------------------------------------------------------ what a subclass provides
     @staticmethod

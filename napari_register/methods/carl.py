@@ -131,6 +131,9 @@ class CARL(NetworkMethod):
 
     dims = (2, 3)
     default_io_steps = 50
+    # an IO step on a brain takes 6-12 s on 2 CPU cores (50 steps: 5-10 min): the CPU runs the
+    # network alone unless IO is asked for (docs/methods/carl.md)
+    default_io_steps_cpu = 0
     description = "CARL: coordinate attention + U-Net refinement, equivariant to translations (Greer et al.)"
     presets = {3: {"brain": BRAIN_SETTINGS}}  # measured on 3D brains only
     # IO rate (Adam): starts high, decays linearly; the network's first map undoes part of the affine

@@ -15,15 +15,21 @@ import torch.nn.functional as F
 
 from ..coords import apply_matrix, compose, gaussian_blur, resize_image, resize_map, sample
 from ..errors import InputError
-from ..instance_opt import FieldAdam, iter_affine, iter_optimise
+from ..instance_opt import FieldAdam, affine_stage, iter_affine, iter_optimise
 from ..losses import diffusion, get_similarity
-from ..progress import Progress
+from ..progress import Progress, Stage
 from .blocks import svf_exp
 from .registry import Method, MethodOutput, register_method
 
 
 def _vox_to_norm(shape: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([1.0 / max(s - 1, 1) for s in shape], device=device).view(1, -1, *([1] * len(shape)))
+
+
+def _level_window(window: int, finest: float, factor: float) -> int:
+    """The LNCC window (voxels, odd, >= 3) at a level ``factor`` times coarser than the working grid
+    that spans about as much of the image as ``window`` voxels at the finest level ``finest``."""
+    return max(3, 2 * int(round((window * finest / factor - 1) / 2)) + 1)
 
 
 @register_method("optimize")
@@ -50,6 +56,14 @@ class Optimize(Method):
         self.affine_similarity = get_similarity(similarity, **lncc_args(affine_window))
         self.levels = tuple(int(x) for x in levels)
         self.iterations = tuple(int(x) for x in iterations)
+        # LNCC's window is ``window`` voxels at the finest level and spans about the same extent of the
+        # image at coarser ones (odd, >= 3 voxels): a fixed 5-voxel window spanned 20 working voxels at
+        # the 4x level, twice the finest level's 10, and that coarse match pulled inter-subject prostate
+        # glands off their affine fit. Prostate Dice 0.728 -> 0.753, OASIS 0.676 -> 0.677, histology TRE
+        # 21.9 -> 21.7 px, same time (docs/methods/optimize.md).
+        finest = min(self.levels, default=1)
+        self.level_similarity = {f: get_similarity(similarity, **lncc_args(_level_window(window, finest, f)))
+                                 for f in self.levels}
         self.lr = lr
         self.smooth = smooth
         # Affine first, as ANTs' SyN does: on inter-subject prostate MR it lifts Dice 0.62 -> 0.73; on the
@@ -76,6 +90,23 @@ class Optimize(Method):
         # the finest level (velocity, its exp, gradients, optimiser state).
         finest = math.prod(self._level_shape(shape, min(self.levels)))
         return 40 * math.prod(shape) + 250 * finest
+
+    # seconds per voxel of a level's grid and iteration on the reference CPU (2 threads; OASIS pair)
+    LEVEL_SECONDS = 1.0e-7
+
+    def plan(self, shape: tuple[int, ...], io_steps: int, continuing: bool = False) -> list[Stage]:
+        schedule = list(zip(self.levels, self.iterations))
+        stages = []
+        if continuing:
+            schedule = [(self.levels[-1], max(io_steps, 1))]
+        else:
+            schedule[-1] = (schedule[-1][0], schedule[-1][1] + io_steps)
+            if self.affine_iterations:
+                stages.append(affine_stage(shape, self.affine_iterations, self.affine_size, "optimize affine"))
+        for li, (factor, iters) in enumerate(schedule):
+            voxels = math.prod(self._level_shape(shape, factor))
+            stages.append(Stage(f"optimize level {li + 1}/{len(schedule)}", iters, self.LEVEL_SECONDS * voxels * iters))
+        return stages
 
     def _level_shape(self, shape: tuple[int, ...], factor: float) -> tuple[int, ...]:
         return tuple(max(int(round(s / factor)), 4) for s in shape)
@@ -113,14 +144,15 @@ class Optimize(Method):
                                          align_corners=True) * scale
             velocity = velocity.detach().requires_grad_(True)
             to_norm = _vox_to_norm(vshape, fixed.device)
+            similarity = self.level_similarity.get(factor, self.similarity)
 
-            def loss_fn(velocity=velocity, mov_l=mov_l, fix_l=fix_l, to_norm=to_norm):
+            def loss_fn(velocity=velocity, mov_l=mov_l, fix_l=fix_l, to_norm=to_norm, similarity=similarity):
                 v = gaussian_blur(velocity, self.sigma) * to_norm
                 phi = resize_map(svf_exp(v, max_gradient=self.exp_max_gradient), tuple(fix_l.shape[2:]))
                 if prior is not None:
                     phi = prior(phi)
                 reg = diffusion(v)
-                return self.similarity(sample(mov_l, phi), fix_l) + self.smooth * reg, phi
+                return similarity(sample(mov_l, phi), fix_l) + self.smooth * reg, phi
 
             stage = f"optimize level {li + 1}/{len(schedule)} ({'x'.join(map(str, lshape))})"
             loss = yield from iter_optimise([velocity], loss_fn, iters, self.lr, stage=stage,

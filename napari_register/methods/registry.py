@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Generator, Optional
 import torch
 
 from ..errors import InputError
-from ..progress import Progress
+from ..progress import Progress, Stage
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -43,6 +43,8 @@ class Method:
     kind: ClassVar[str] = "deformable"  # or "homography"
     needs_checkpoint: ClassVar[bool] = False
     default_io_steps: ClassVar[int] = 0
+    # on the CPU, where instance optimisation can take minutes: None keeps ``default_io_steps``
+    default_io_steps_cpu: ClassVar[Optional[int]] = None
     description: ClassVar[str] = ""
     # Named option sets for kinds of data, per dimensionality (the Register widget's "settings");
     # none: the defaults only.
@@ -60,6 +62,13 @@ class Method:
         if options:
             raise InputError(f"method {self.name!r} takes no options {sorted(options)}")
 
+    @classmethod
+    def io_steps_default(cls, device: torch.device) -> int:
+        """Instance-optimisation steps when none are asked for, on ``device``."""
+        if device.type == "cpu" and cls.default_io_steps_cpu is not None:
+            return cls.default_io_steps_cpu
+        return cls.default_io_steps
+
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
         """Grid the method works on for a fixed image of ``shape`` (array order) and spacing."""
         return tuple(shape)
@@ -68,6 +77,12 @@ class Method:
         """Estimated peak bytes the method allocates on its device for a ``shape`` working grid
         (measured on CPU; the pipeline adds what it holds on the fixed grid). Override per method."""
         return 300 * math.prod(shape)
+
+    def plan(self, shape: tuple[int, ...], io_steps: int, continuing: bool = False) -> list[Stage]:
+        """The stages :meth:`iter_run` will report on a ``shape`` working grid, in order, with their
+        step counts and seconds on the reference CPU (``continuing``: ``init`` is given). The
+        progress bar and the time estimate follow it. Override per method."""
+        return [Stage(self.name, 1, 1e-6 * math.prod(shape))]
 
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
