@@ -19,10 +19,11 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(THREADS))  # A
 os.environ.setdefault("ANTS_RANDOM_SEED", "1")  # repeatable random metric sampling in antsRegistration
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
 import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from concurrent.futures.process import BrokenProcessPool  # noqa: E402
@@ -30,7 +31,6 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from benchmarks.tasks import Case, Pair, cases, evaluate, load  # noqa: E402
@@ -240,29 +240,47 @@ def jacobian_determinant(tx: sitk.Transform, fixed: sitk.Image) -> np.ndarray:
     return np.linalg.det(jac) / np.linalg.det(m)
 
 
+def _status_kb(field: str) -> int:
+    """A ``kB`` line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _give_back_freed_memory() -> None:
+    """Garbage, and what malloc keeps of memory freed by earlier runs, back to the system, so that a
+    run reusing it grows the resident set (and is counted) instead of hiding in it."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc
+    except (AttributeError, OSError):
+        pass
+
+
 class _PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 20 ms (MB over the start)."""
+    """Peak resident memory this process adds while the block runs: ``mb`` = the kernel's high-water
+    mark of the resident set (``VmHWM``) at the end minus the resident set at the start.
+
+    Exact, not sampled: the mark is reset to the current resident set at the start by writing ``5``
+    to ``/proc/self/clear_refs`` (Linux >= 4.0), after :func:`_give_back_freed_memory`. (The former
+    20 ms sampler of RSS growth read 0 MB for most runs: an earlier run's freed memory was reused.)
+    ``mb`` is None where the reset is not available (not Linux)."""
 
     def __enter__(self) -> "_PeakRSS":
-        self._proc = psutil.Process()
-        self.start = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        _give_back_freed_memory()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start: Optional[int] = _status_kb("VmHWM")  # = the resident set at the reset
+        except OSError:
+            self.start = None
         return self
 
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.peak = _status_kb("VmHWM") if self.start is not None else None
 
     @property
-    def mb(self) -> float:
-        return (self.peak - self.start) / 2 ** 20
+    def mb(self) -> Optional[float]:
+        return None if self.start is None or self.peak is None else (self.peak - self.start) / 1024
 
 
 def _warm_ants() -> None:
@@ -302,14 +320,14 @@ def peers_for(case: Case) -> list[str]:
 def run_peer(name: str, case: Case | Pair, isolate: bool = False) -> dict[str, Any]:
     """Register one case with one runner and score it.
 
-    Returns ``peer``, ``case``, ``seconds`` (registration only), ``peak_mem_mb`` (growth of the
-    resident memory while it runs), ``fold_fraction``, ``warped_labels`` (arrays on the fixed
-    grid), ``mapped_points`` (fixed landmarks mapped to moving, ``(N, d)`` physical),
-    ``transform`` and the scores of :func:`benchmarks.tasks.evaluate`; on failure ``error``
-    holds the message instead. ``isolate``: run in a fresh (spawned) process, without
-    ``transform`` in the result, so memory freed by an earlier run and reused does not hide this
-    run's peak; only for runners defined at import of this module (one added to ``RUNNERS`` at
-    run time does not exist in the child)."""
+    Returns ``peer``, ``case``, ``seconds`` (registration only), ``peak_mem_mb`` (the most resident
+    memory the registration adds over what the process held before it, see :class:`_PeakRSS`),
+    ``fold_fraction``, ``warped_labels`` (arrays on the fixed grid), ``mapped_points`` (fixed
+    landmarks mapped to moving, ``(N, d)`` physical), ``transform`` and the scores of
+    :func:`benchmarks.tasks.evaluate`; on failure ``error`` holds the message instead.
+    ``isolate``: run in a fresh (spawned) process, without ``transform`` in the result, so that a
+    crash in a peer's C++ ends one case, not the run; only for runners defined at import of this
+    module (one added to ``RUNNERS`` at run time does not exist in the child)."""
     if name not in RUNNERS:
         raise ValueError(f"unknown peer {name!r}; known: {', '.join(RUNNERS)}")
     if isolate:
@@ -333,7 +351,8 @@ def run_peer(name: str, case: Case | Pair, isolate: bool = False) -> dict[str, A
     except RuntimeError as e:  # a peer that fails on a case is a result, not a crash
         out["error"] = str(e)
         return out
-    out["peak_mem_mb"] = mem.mb
+    if mem.mb is not None:
+        out["peak_mem_mb"] = mem.mb
     out["transform"] = tx
     out["warped_labels"] = [sitk.GetArrayFromImage(sitk.Resample(lab, pair.fixed, tx, sitk.sitkNearestNeighbor, 0))
                             for lab in pair.moving_labels]
@@ -390,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("tasks", nargs="+", help="oasis prostate mr_us histology")
     ap.add_argument("--peers", default="", help="comma-separated runner names (default: all that apply)")
     ap.add_argument("--in-process", action="store_true",
-                    help="run every peer in this process (faster; peak memory then under-reads)")
+                    help="run every peer in this process (faster; a peer that crashes ends the run)")
     args = ap.parse_args(argv)
     rows = []
     for task in args.tasks:

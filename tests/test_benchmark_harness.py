@@ -73,3 +73,40 @@ def test_photo_cases_have_the_true_homography():
     moved = map_coordinates(pc.moving, [pts[:, 1], pts[:, 0]], order=1)
     assert np.abs(moved - pc.fixed[ys.ravel(), xs.ravel()]).mean() < 0.02
     assert 5 < photos.mace(lambda p: p, pc.truth) < 2 * photos.RHO
+
+
+def test_whole_command_peak_memory_is_the_commands_own():
+    """A command that allocates 200 MB reads >= 200 MB, one that allocates nothing < 50 MB, although
+    this process has held more than either (started from here directly, both would read its peak)."""
+    from benchmarks.e2e import measure
+
+    held = np.ones(300 * 2 ** 20 // 8)  # this process's high-water mark: >= 300 MB
+    del held
+    big = measure([sys.executable, "-c", "import numpy as np; a = np.ones(200 * 2 ** 20 // 8)"])
+    small = measure([sys.executable, "-S", "-c", "pass"])
+    assert big.returncode == small.returncode == 0
+    assert big.peak_mb >= 200 and small.peak_mb < 50
+    assert 0 < small.seconds < big.seconds
+
+
+def test_harness_peak_counts_memory_reused_from_an_earlier_run():
+    """The in-process harness's peak (``peers._PeakRSS``) counts 200 MB allocated in the block even
+    when malloc still holds that much freed by an earlier run (the old RSS sampler read 0 MB), and an
+    empty block reads ~0."""
+    from benchmarks.peers import _PeakRSS
+
+    def chunks() -> list:
+        return [np.ones(12_000) for _ in range(2200)]  # 2200 x 94 KiB, from malloc's heap
+
+    earlier = chunks()
+    above = np.ones(12_000)  # keeps the freed chunks below it inside the heap
+    del earlier
+    with _PeakRSS() as run:
+        now = chunks()
+    del now
+    with _PeakRSS() as empty:
+        pass
+    del above
+    if run.mb is None:
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    assert run.mb >= 195 and empty.mb < 5
