@@ -1,15 +1,15 @@
 """Visual quality checks as numpy images: checkerboard, difference, blend, deformation grid,
-Jacobian colouring, and a one-file QA figure (PNG) for the command line.
+Jacobian colouring (linear or log scale). The one-file QA figure (PNG) of the command line is in
+:mod:`napari_register.qa_figure` (``qa.qa_figure`` still finds it).
 
-Pure numpy (matplotlib only inside :func:`qa_figure`); the napari layers display these arrays.
+Pure numpy; the napari layers display these arrays.
 Arrays are in array axis order ((z, y, x) or (y, x)); a displacement field ``disp_vox`` has shape
 ``(*shape, d)`` with its last axis in array order too, in voxel units, and maps every fixed voxel
 ``x`` to the moving voxel ``x + disp`` (``moving_from_fixed``, see :mod:`napari_register.coords`).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -158,140 +158,87 @@ def grid_slice(disp_vox: np.ndarray, axis: int, index: int, spacing: Union[float
     return _grid_lines(coords, _per_axis(spacing, d), thickness, in_plane).astype(np.float32)
 
 
-def jacobian_colormap(vmin: float = 0.0, vmax: float = 2.0) -> dict:
+JacobianScale = Literal["linear", "log"]
+
+
+def jacobian_colormap(vmin: float = 0.0, vmax: float = 2.0, scale: JacobianScale = "linear") -> dict:
     """The colouring of :func:`jacobian_rgb` as a piecewise-linear colormap for napari.
 
     Returns ``{"controls": (n,), "colors": (n, 4) RGBA, "contrast_limits": (lo, vmax)}``: pass
     controls/colors to ``napari.utils.Colormap`` and set the layer's contrast limits. ``lo`` lies a
     little below 0 so that the band ``[lo, 0]`` (and anything lower, clipped) shows the fold colour.
+    napari interpolates linearly in det, so ``scale="log"`` is followed with 16 controls per half.
     """
-    _check_range(vmin, vmax)
+    _check_range(vmin, vmax, scale)
     lo = -0.02 * (vmax - min(vmin, 0.0))
     tiny = 1e-6 * (vmax - lo)
-    c = JACOBIAN_COLORS
-    values = [lo, 0.0, tiny, max(vmin, 2 * tiny), 1.0, vmax]
-    colors = [c["fold"], c["fold"], c["shrink"], c["shrink"], c["keep"], c["grow"]]
-    controls = (np.asarray(values) - lo) / (vmax - lo)
-    rgba = np.concatenate([np.asarray(colors), np.ones((len(colors), 1))], 1)
+    inner = np.concatenate([np.geomspace(vmin, 1.0, 17)[1:], np.geomspace(1.0, vmax, 17)[1:]]) \
+        if scale == "log" else np.array([1.0, vmax])
+    positive = np.concatenate([[tiny, max(vmin, 2 * tiny)], inner])
+    colors = np.concatenate([[JACOBIAN_COLORS["fold"]] * 2, _jacobian_colors(positive, vmin, vmax, scale)])
+    controls = (np.concatenate([[lo, 0.0], positive]) - lo) / (vmax - lo)
+    rgba = np.concatenate([colors, np.ones((len(colors), 1))], 1)
     return {"controls": controls, "colors": rgba, "contrast_limits": (lo, vmax)}
 
 
-def _check_range(vmin: float, vmax: float) -> None:
-    if not (0 <= vmin < 1 < vmax):
-        raise ValueError(f"Jacobian colouring is centred at 1: need 0 <= vmin < 1 < vmax, got {vmin}, {vmax}")
+def _check_range(vmin: float, vmax: float, scale: str = "linear") -> None:
+    if scale not in ("linear", "log"):
+        raise ValueError(f"Jacobian colour scale must be 'linear' or 'log', got {scale!r}")
+    low_ok = vmin > 0 if scale == "log" else vmin >= 0  # log(0) has no place on a log scale
+    if not (low_ok and vmin < 1 < vmax):
+        raise ValueError(f"Jacobian colouring is centred at 1: need {'0 <' if scale == 'log' else '0 <='} vmin < 1 "
+                         f"< vmax on a {scale} scale, got {vmin}, {vmax}")
 
 
-def jacobian_rgb(jac: np.ndarray, vmin: float = 0.0, vmax: float = 2.0) -> np.ndarray:
+def jacobian_position(jac: np.ndarray, vmin: float = 0.0, vmax: float = 2.0,
+                      scale: JacobianScale = "linear") -> np.ndarray:
+    """Place of each determinant on the colour scale: -1 at ``vmin``, 0 at det = 1, +1 at ``vmax``
+    (clipped), linear in det or, with ``scale="log"``, in log(det), so that ``vmin = 1 / vmax`` puts
+    halving and doubling the volume at the same distance from white. On a log scale det <= 0 has no
+    place (-1 or NaN): :func:`jacobian_rgb` paints those with the fold colour."""
+    _check_range(vmin, vmax, scale)
+    jac = np.asarray(jac)
+    if jac.dtype.kind != "f":
+        jac = jac.astype(np.float64)  # float32 maps stay float32: half the memory traffic
+    if scale == "log":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.log(jac)
+        lo, hi = -np.log(vmin), np.log(vmax)
+    else:
+        x, lo, hi = jac - 1.0, 1.0 - vmin, vmax - 1.0
+    t = np.where(x < 0, x * (1.0 / lo), x * (1.0 / hi))
+    return np.clip(t, -1.0, 1.0, out=t)
+
+
+def _jacobian_colors(jac: np.ndarray, vmin: float, vmax: float, scale: str) -> np.ndarray:
+    """Float RGB in [0, 1] of :func:`jacobian_rgb` (before rounding to bytes)."""
+    jac = np.asarray(jac)
+    t = jacobian_position(jac, vmin, vmax, scale)
+    c = JACOBIAN_COLORS
+    # per channel: shrink at t = -1, keep at 0, grow at +1, linear between (np.interp: no (N, 3) temporaries)
+    rgb = np.stack([np.interp(t, (-1.0, 0.0, 1.0), (c["shrink"][k], c["keep"][k], c["grow"][k]))
+                    for k in range(3)], -1)
+    rgb[jac <= 0] = c["fold"]
+    rgb[np.isnan(jac)] = NAN_COLOR
+    return rgb
+
+
+def jacobian_rgb(jac: np.ndarray, vmin: float = 0.0, vmax: float = 2.0,
+                 scale: JacobianScale = "linear") -> np.ndarray:
     """Colour a Jacobian determinant map -> uint8 RGB ``(*jac.shape, 3)``.
 
     Blue (``vmin``, shrinking) -> white (1, volume kept) -> red (``vmax``, growing), clipped at both
-    ends; ``det <= 0`` (folding) is bright green; NaN is grey. Colours: :data:`JACOBIAN_COLORS`.
+    ends, linear in det or in log(det) (``scale="log"``, see :func:`jacobian_position`); ``det <= 0``
+    (folding) is bright green; NaN is grey. Colours: :data:`JACOBIAN_COLORS`.
     """
-    _check_range(vmin, vmax)
-    jac = np.asarray(jac, dtype=np.float64)
-    c = {k: np.asarray(v) for k, v in JACOBIAN_COLORS.items()}
-    below = np.clip((jac - vmin) / (1.0 - vmin), 0, 1)[..., None]  # 0 at vmin, 1 at det = 1
-    above = np.clip((jac - 1.0) / (vmax - 1.0), 0, 1)[..., None]   # 0 at det = 1, 1 at vmax
-    rgb = np.where(jac[..., None] < 1, c["shrink"] + below * (c["keep"] - c["shrink"]),
-                   c["keep"] + above * (c["grow"] - c["keep"]))
-    rgb[jac <= 0] = c["fold"]
-    rgb[np.isnan(jac)] = NAN_COLOR
-    return np.round(rgb * 255).astype(np.uint8)
+    return np.round(_jacobian_colors(jac, vmin, vmax, scale) * 255).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------------------- figure
+def __getattr__(name: str) -> Any:
+    # The figure needs matplotlib and lives in qa_figure.py; ``qa.qa_figure`` keeps working without
+    # importing it for the napari layers.
+    if name == "qa_figure":
+        from .qa_figure import qa_figure
 
-_PLANES = ((0, "axial"), (1, "coronal"), (2, "sagittal"))  # array axis held fixed in each plane
-
-
-def _auto_grid_spacing(shape: Sequence[int], spacing_zyx: np.ndarray) -> np.ndarray:
-    """About 12 grid cells across the largest physical extent, equal in millimetres on every axis."""
-    step_mm = max(np.asarray(shape) * spacing_zyx) / 12
-    return np.maximum(step_mm / spacing_zyx, 2.0)
-
-
-def qa_figure(fixed: np.ndarray, warped: np.ndarray, disp_vox: Optional[np.ndarray],
-              jac: Optional[np.ndarray], path: Union[str, Path], title: str = "",
-              spacing_xyz: Optional[Sequence[float]] = None, vmin: float = 0.0, vmax: float = 2.0) -> Path:
-    """Write a QA PNG: checkerboard of fixed/warped, fixed with the warped grid, Jacobian colours.
-
-    2D: one row of three panels. 3D: one row per middle slice of the axial (z), coronal (y) and
-    sagittal (x) planes; coronal and sagittal are drawn with z upwards. ``spacing_xyz`` (ITK order)
-    sets the pixel aspect ratios and makes the grid cells equal in millimetres. ``disp_vox`` or
-    ``jac`` may be ``None`` (the panel says so). Returns the path written.
-    """
-    # A bare Figure on the Agg canvas: no pyplot, so no global backend switch inside a napari session.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import ListedColormap, Normalize
-    from matplotlib.figure import Figure
-
-    fixed, warped = np.asarray(fixed), np.asarray(warped)
-    d = fixed.ndim
-    if d not in (2, 3):
-        raise ValueError(f"qa_figure draws 2D or 3D images, got shape {fixed.shape}")
-    for name, arr, shape in (("disp_vox", disp_vox, fixed.shape + (d,)), ("jac", jac, fixed.shape)):
-        if arr is not None and np.shape(arr) != shape:
-            raise ValueError(f"qa_figure: {name} has shape {np.shape(arr)}, expected {shape} (fixed grid)")
-    spacing_zyx = np.ones(d) if spacing_xyz is None else np.asarray(spacing_xyz, dtype=np.float64)[::-1]
-    if spacing_zyx.size != d:
-        raise ValueError(f"qa_figure: spacing_xyz {tuple(spacing_xyz)} does not match a {d}D image")
-    grid_step = _auto_grid_spacing(fixed.shape, spacing_zyx)
-    board = checkerboard(fixed, warped)
-    fixed_n = normalize(fixed)
-    # jacobian_rgb's colours; below vmin (0 by default) the colorbar's extension shows the fold colour
-    jac_cmap = ListedColormap(jacobian_rgb(np.linspace(vmin + 1e-6, vmax, 256), vmin, vmax) / 255.0
-                              ).with_extremes(under=JACOBIAN_COLORS["fold"])
-
-    planes = [(None, "")] if d == 2 else _PLANES
-    fig = Figure(figsize=(12, 4 * len(planes)), layout="constrained")  # room for suptitle and colorbars
-    FigureCanvasAgg(fig)
-    axs = fig.subplots(len(planes), 3, squeeze=False)
-    fold_pct = None if jac is None else float(np.mean(np.asarray(jac) <= 0)) * 100
-    for row, (axis, plane) in enumerate(planes):
-        if axis is None:
-            take, shown, aspect, origin = (lambda a: a), (0, 1), spacing_zyx[0] / spacing_zyx[1], "upper"
-        else:
-            index = fixed.shape[axis] // 2
-            take = (lambda a, axis=axis, index=index: np.take(a, index, axis=axis))
-            shown = tuple(k for k in range(3) if k != axis)  # (rows, cols) array axes of the slice
-            aspect = spacing_zyx[shown[0]] / spacing_zyx[shown[1]]
-            origin = "upper" if axis == 0 else "lower"  # z up in coronal and sagittal views
-            plane = f"{plane} {index} "
-        show = dict(aspect=aspect, origin=origin, interpolation="nearest")
-
-        axs[row, 0].imshow(take(board), cmap="gray", vmin=0, vmax=1, **show)
-        axs[row, 0].set_title(f"{plane}checkerboard fixed / warped")
-
-        axs[row, 1].imshow(take(fixed_n), cmap="gray", vmin=0, vmax=1, **show)
-        if disp_vox is not None:
-            # Contours of the moving coordinates draw the warped grid smoothly at any resolution,
-            # unlike the voxel mask of grid_image, which is meant for napari layers.
-            coords = _voxel_coords(disp_vox) if axis is None else slice_coords(disp_vox, axis, index)
-            for k in shown:
-                c = coords[..., k] / grid_step[k]
-                levels = np.arange(np.ceil(c.min()), np.floor(c.max()) + 1)
-                if levels.size and min(c.shape) >= 2:
-                    axs[row, 1].contour(c, levels=levels, colors=[(1.0, 0.8, 0.0)], linewidths=0.8,
-                                        linestyles="solid")
-            axs[row, 1].set_title(f"{plane}fixed + warped grid")
-        else:
-            axs[row, 1].set_title(f"{plane}fixed (no displacement field)")
-
-        if jac is not None:
-            axs[row, 2].imshow(jacobian_rgb(take(np.asarray(jac)), vmin, vmax), **show)
-            axs[row, 2].set_title(f"{plane}Jacobian det. (folds {fold_pct:.2f}%)")
-            mappable = ScalarMappable(cmap=jac_cmap, norm=Normalize(vmin, vmax))
-            bar = fig.colorbar(mappable, ax=axs[row, 2], fraction=0.046, pad=0.04, extend="min")
-            bar.set_label("green: det <= 0 (fold)", fontsize=8)
-        else:
-            axs[row, 2].set_title(f"{plane}no Jacobian")
-        for ax in axs[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+        return qa_figure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -183,15 +183,143 @@ def test_jacobian_rgb_colours():
     assert not (rgb[6] == fold).all()
 
 
-def test_jacobian_colormap_matches_rgb():
-    cm = qa.jacobian_colormap(0.0, 2.0)
+@pytest.mark.parametrize("vmin, vmax, scale", [(0.0, 2.0, "linear"), (0.25, 4.0, "log")])
+def test_jacobian_colormap_matches_rgb(vmin, vmax, scale):
+    cm = qa.jacobian_colormap(vmin, vmax, scale=scale)
     controls, colors = cm["controls"], cm["colors"]
     lo, hi = cm["contrast_limits"]
     assert controls[0] == 0 and controls[-1] == pytest.approx(1) and np.all(np.diff(controls) > 0)
-    for value in (-1.0, 0.0, 0.5, 1.0, 1.7):
+    # napari interpolates linearly in det: the log scale's controls must follow it closely
+    for value in (-1.0, 0.0, 0.1, 0.3, 0.5, 0.8, 1.0, 1.7, 3.0, 5.0):
         pos = np.clip((value - lo) / (hi - lo), 0, 1)
         rgb = [np.interp(pos, controls, colors[:, c]) for c in range(3)]
-        np.testing.assert_allclose(np.asarray(rgb) * 255, qa.jacobian_rgb(np.array(value)), atol=1.0)
+        expected = qa.jacobian_rgb(np.array(value), vmin, vmax, scale=scale)
+        np.testing.assert_allclose(np.asarray(rgb) * 255, expected, atol=1.0)
+
+
+def test_jacobian_log_scale_is_centred_and_symmetric():
+    det = np.array([1.0, 2.0, 0.5, 2 ** 0.5, 2 ** -0.5, 8.0, 1 / 8, 0.0, -2.0, np.nan])
+    t = qa.jacobian_position(det, 0.5, 2.0, scale="log")
+    np.testing.assert_allclose(t[:7], [0, 1, -1, 0.5, -0.5, 1, -1])  # doubling and halving equally far
+    rgb = qa.jacobian_rgb(det, 0.5, 2.0, scale="log").astype(int)
+    c = {k: np.round(np.asarray(v) * 255) for k, v in qa.JACOBIAN_COLORS.items()}
+    np.testing.assert_array_equal(rgb[0], c["keep"])  # det = 1: white
+    np.testing.assert_array_equal(rgb[1], c["grow"])
+    np.testing.assert_array_equal(rgb[2], c["shrink"])
+    # sqrt(2) and 1/sqrt(2) lie halfway between white and their end colour
+    np.testing.assert_allclose(rgb[3], (c["keep"] + c["grow"]) / 2, atol=1)
+    np.testing.assert_allclose(rgb[4], (c["keep"] + c["shrink"]) / 2, atol=1)
+    np.testing.assert_array_equal(rgb[7], c["fold"])
+    np.testing.assert_array_equal(rgb[8], c["fold"])
+    assert not (rgb[9] == c["fold"]).all()
+    # the default stays the linear 0 .. 2 scale the napari layers use
+    np.testing.assert_array_equal(qa.jacobian_rgb(det[:3]), qa.jacobian_rgb(det[:3], 0.0, 2.0, "linear"))
+    assert qa.jacobian_rgb(np.array(0.5))[2] != qa.jacobian_rgb(np.array(0.5), 0.5, 2.0, "log")[2]
+    with pytest.raises(ValueError, match="vmin"):
+        qa.jacobian_rgb(det, 0.0, 2.0, scale="log")
+
+
+def test_jacobian_log2_range_robust_symmetric_and_bounded():
+    from napari_register.qa_figure import jacobian_log2_range
+
+    rng = np.random.default_rng(0)
+    assert jacobian_log2_range(np.exp(rng.normal(0, 0.05, 5000))) == 1.0  # gentle: still 0.5 .. 2
+    wide = 2.0 ** rng.uniform(-1.7, 1.7, 5000)  # 95 % of |log2| below ~1.6 -> 2 ** +-2
+    assert jacobian_log2_range(wide) == 2.0
+    assert jacobian_log2_range(1 / wide) == 2.0  # shrinking counts as much as growing
+    assert jacobian_log2_range(2.0 ** rng.uniform(-9, 9, 5000)) == 3.0  # capped at 1/8 .. 8
+    assert jacobian_log2_range(-np.ones(10)) == 1.0  # all folded: nothing to measure
+
+
+def _figure(fixed, warped, jac=None, disp=None, **kw):
+    from napari_register.qa_figure import build_qa_figure
+
+    return build_qa_figure(fixed, warped, disp, jac, **kw)
+
+
+def _panels(fig, label):
+    return [ax for ax in fig.axes if ax.get_label() == label]
+
+
+def test_qa_figure_before_and_after_panels():
+    from napari_register.qa_figure import overlay
+
+    fixed = np.zeros((24, 24))
+    fixed[6:14, 6:14] = 1.0
+    before = np.roll(fixed, 6, axis=1)  # misaligned before, aligned after
+    fig = _figure(fixed, fixed, np.ones((24, 24)), np.zeros((24, 24, 2)), moving_before=before)
+    assert [ax.get_label() for ax in fig.axes[:4]] == ["before", "after", "grid", "jacobian"]
+    shown_before = _panels(fig, "before")[0].get_images()[0].get_array()
+    shown_after = _panels(fig, "after")[0].get_images()[0].get_array()
+    np.testing.assert_array_equal(shown_before, overlay(fixed, before))
+    assert tuple(shown_before[10, 7]) == (1, 0, 1) and tuple(shown_before[10, 15]) == (0, 1, 0)  # magenta / green
+    np.testing.assert_array_equal(shown_after[..., 0], shown_after[..., 1])  # aligned: grey only
+    assert "before" in _panels(fig, "before")[0].get_title() and "after" in _panels(fig, "after")[0].get_title()
+    # without the moving image as it was, no before column
+    assert [ax.get_label() for ax in _figure(fixed, fixed).axes] == ["after", "grid", "jacobian"]
+    with pytest.raises(ValueError, match="moving_before"):
+        _figure(fixed, fixed, moving_before=np.zeros((3, 3)))
+
+
+def test_qa_figure_states_the_whole_volume_fold_fraction_once():
+    jac = np.ones((10, 12, 16))
+    jac[5, 4:7, 5:8] = -0.5  # 9 folds, all in the middle axial slice: 0.47 % of the volume, 4.7 % of the slice
+    fig = _figure(np.random.default_rng(0).random(jac.shape), np.ones(jac.shape), jac)
+    suptitle = fig.get_suptitle()
+    assert "folds (det J \u2264 0): 9 voxels = 0.47 % of the volume" in suptitle
+    assert f"{100 * metrics.fold_fraction(jac):.2g} %" in suptitle
+    texts = [t.get_text() for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    assert not any("%" in t for t in texts)  # no second percentage in the panels
+    axial, coronal, sagittal = _panels(fig, "jacobian")
+    assert axial.get_xlabel() == "this slice: 9 fold voxels (circled)"
+    assert coronal.get_xlabel() == "this slice: 3 fold voxels (circled)"  # y = 6 meets one row of them
+    assert sagittal.get_xlabel() == ""  # x = 8: none there
+    assert "no folds" in _figure(np.ones((8, 8)), np.ones((8, 8)), np.ones((8, 8))).get_suptitle()
+
+
+def test_qa_figure_draws_large_photos_at_panel_size_in_voxel_coordinates():
+    fixed = np.random.default_rng(0).random((500, 800))
+    jac = np.ones(fixed.shape)
+    jac[499, 799] = -1.0  # one fold in the last voxel, which no 2 x 2 block holds
+    fig = _figure(fixed, fixed, jac, np.zeros((500, 800, 2)))
+    after, jacobian = _panels(fig, "after")[0], _panels(fig, "jacobian")[0]
+    image = after.get_images()[0]
+    assert image.get_array().shape == (250, 400, 3)  # 2 x 2 block means: the panel has ~360 pixels
+    assert tuple(image.get_extent()) == (-0.5, 799.5, 499.5, -0.5)  # still in voxel coordinates
+    np.testing.assert_array_equal(jacobian.collections[0].get_offsets(), [[799, 499]])  # marked where it is
+    assert jacobian.get_xlabel() == "this slice: 1 fold voxel (circled)"
+    assert "folds (det J \u2264 0): 1 voxel = 0.00025 % of the volume" in fig.get_suptitle()
+
+
+def test_qa_figure_colour_bar_is_log_centred_at_one():
+    jac = np.exp(np.random.default_rng(0).normal(0, 0.05, (16, 16)))
+    fig = _figure(np.ones((16, 16)), np.ones((16, 16)), jac)
+    bar = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"][0]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["0.5", "1", "2"]  # gentle warp: 0.5 .. 2
+    assert list(bar.get_yticks()) == [-1.0, 0.0, 1.0]  # log2 axis: 0.5 and 2 equally far from 1
+    # the bar's colours: white at det 1, the scale's ends, green below it (folds)
+    solids = [m for m in bar.collections if type(m).__name__ == "QuadMesh"][0]
+    c = qa.JACOBIAN_COLORS
+    np.testing.assert_allclose(solids.cmap(solids.norm(0.0))[:3], c["keep"], atol=0.02)
+    np.testing.assert_allclose(solids.cmap(solids.norm(1.0))[:3], c["grow"], atol=0.01)
+    np.testing.assert_allclose(solids.cmap(solids.norm(-1.0))[:3], c["shrink"], atol=0.01)
+    np.testing.assert_allclose(solids.cmap.get_under()[:3], c["fold"])
+    shown = _panels(fig, "jacobian")[0].get_images()[0].get_array()
+    np.testing.assert_array_equal(shown, qa.jacobian_rgb(jac, 0.5, 2.0, scale="log"))
+
+
+def test_qa_title_says_dice_and_tre_before_and_after():
+    from napari_register.qa_figure import qa_title
+
+    m = {"method": "optimize", "seconds": 12.34, "dice_mean_before": 0.639, "dice_mean": 0.675,
+         "tre_before": 5.1, "tre_after": 2.25}
+    title = qa_title(m)
+    assert title.startswith("optimize, 12.3 s")
+    assert "Dice 0.639 \u2192 0.675" in title and "TRE 5.10 \u2192 2.25 mm" in title
+    assert "TRE 5.10 \u2192 2.25 px" in qa_title(m, unit="px")
+    assert "TRE" not in qa_title({"method": "optimize", "seconds": 1.0, "dice_mean": 0.5})
+    fig = _figure(np.ones((8, 8)), np.ones((8, 8)), np.ones((8, 8)), title=title)
+    assert fig.get_suptitle().splitlines()[0] == title
 
 
 def test_qa_figure_writes_png_2d_and_3d(tmp_path):
@@ -199,12 +327,13 @@ def test_qa_figure_writes_png_2d_and_3d(tmp_path):
     fixed2 = rng.random((32, 40))
     disp2 = np.zeros((32, 40, 2))
     disp2[..., 0] = 2 * np.sin(np.arange(40) / 6)
-    p2 = qa.qa_figure(fixed2, fixed2[::-1], disp2, np.ones((32, 40)), tmp_path / "qa2.png", title="2D")
+    p2 = qa.qa_figure(fixed2, fixed2[::-1], disp2, np.ones((32, 40)), tmp_path / "qa2.png", title="2D",
+                      moving_before=fixed2[:, ::-1])
     fixed3 = rng.random((12, 16, 20))
     jac3 = np.ones((12, 16, 20))
     jac3[0, 0, 0] = -1
     p3 = qa.qa_figure(fixed3, fixed3, np.zeros((12, 16, 20, 3)), jac3, tmp_path / "sub" / "qa3.png",
-                      spacing_xyz=(1.0, 1.0, 3.0))
+                      spacing_xyz=(1.0, 1.0, 3.0), moving_before=fixed3[::-1])
     p_none = qa.qa_figure(fixed2, fixed2, None, None, tmp_path / "none.png")
     for p in (p2, p3, p_none):
         data = p.read_bytes()
