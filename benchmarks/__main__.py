@@ -21,6 +21,7 @@ COMMANDS = {
     "alto_eval": ("alto_eval", "AltO against the peers on the photo homography task: MACE, acceptable rate, AUC"),
     "shift_experiment": ("shift_experiment", "translation equivariance: CARL against a U-Net, fixed image shifted"),
     "soak": ("soak", "50 registrations back to back in one process: RSS and threads at start and end"),
+    "widget_time": ("widget_time", "the Register widget's Run-to-layers time in a real viewer (brain sample)"),
     "e2e": ("e2e", "whole commands as the user waits for them (ours, the demo, the peers): seconds and peak memory"),
 }
 

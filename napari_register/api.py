@@ -19,6 +19,7 @@ from .image import Image, check_registrable, read_image
 from .intensity import normalise
 from .metrics import fold_fraction
 from .methods.registry import Method, MethodOutput, check_options, get_method, list_methods
+from .previews import Previewer
 from .progress import Cancelled, Progress, Stage, Tracker, seconds_scale
 from .resources import plan_run
 from .transforms import Composite, DisplacementField, MatrixTransform, Transform, warp_image
@@ -181,9 +182,10 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     map is brought back to the fixed image's native grid in physical units.
 
     ``cancel``: polled at every progress step; when it returns True, :class:`Cancelled` is raised.
-    ``previews``: progress steps that carry a map also carry ``progress.warped``, the moving image
-    warped onto the working grid (the fixed image's extent at the method's resolution, for live display). ``init``: a previous result on the same pair
-    to continue from (instance optimisation of the current result). ``method``: a registered name,
+    ``previews``: progress steps that carry a map also carry ``progress.warped`` (the moving image
+    warped onto a coarse grid of the fixed image's extent, for live display) while previews stay
+    within a small share of the run's time (:mod:`napari_register.previews`). ``init``: a previous
+    result on the same pair to continue from (instance optimisation of the current result). ``method``: a registered name,
     or a method instance to reuse (its network stays loaded across pairs; ``checkpoint`` and
     ``options`` then belong to it and must be left out).
 
@@ -302,6 +304,7 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
     fixed_t = _working_tensor(fix, None, fix.geometry, shape, dev)
     moving_t = _working_tensor(mov, init_tx, fix.geometry, shape, dev)
     gen = algo.iter_run(moving_t, fixed_t, steps, init=init_out)
+    previewer = Previewer(mov, fix, init_tx) if previews else None
     try:
         while True:
             _check_cancel(cancel)
@@ -309,12 +312,8 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
                 progress = next(gen)
             except StopIteration as stop:
                 return stop.value
-            if previews and progress.map is not None:
-                # On the working grid (same physical extent): a full-resolution warp per preview would
-                # cost seconds on a brain and delay Cancel.
-                work = fix.geometry.with_shape(shape)
-                tx, _ = _physical_transform(MethodOutput(map=progress.map), work, init_tx, shape)
-                progress.warped = warp_image(mov, tx, work)
+            if previewer is not None and progress.map is not None and previewer.due():
+                progress.warped = previewer(progress.map)
                 _check_cancel(cancel)
             yield tracker.update(progress)
     finally:

@@ -24,7 +24,7 @@ class Progress:
     total: int
     loss: Optional[float] = None
     map: Any = None  # torch.Tensor (1, d, *working_shape) when set; typed loosely to keep torch out
-    warped: Any = None  # set by the pipeline when previews are asked for: moving warped at fixed resolution
+    warped: Any = None  # set by the pipeline when previews are asked for (napari_register.previews)
     # A note for the user (stage "note"): something the run changed on their behalf (a lower working
     # resolution, the CPU instead of CUDA) or noticed about the inputs. Front ends show it as is.
     message: Optional[str] = None

@@ -1,6 +1,6 @@
 """Visual quality checks as numpy images: checkerboard, difference, blend, deformation grid,
 Jacobian colouring (linear or log scale). The one-file QA figure (PNG) of the command line is in
-:mod:`napari_register.qa_figure` (``qa.qa_figure`` still finds it).
+:mod:`napari_register.qa_figure` (so napari never imports matplotlib).
 
 Pure numpy; the napari layers display these arrays.
 Arrays are in array axis order ((z, y, x) or (y, x)); a displacement field ``disp_vox`` has shape
@@ -9,7 +9,7 @@ Arrays are in array axis order ((z, y, x) or (y, x)); a displacement field ``dis
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -233,12 +233,3 @@ def jacobian_rgb(jac: np.ndarray, vmin: float = 0.0, vmax: float = 2.0,
     """
     return np.round(_jacobian_colors(jac, vmin, vmax, scale) * 255).astype(np.uint8)
 
-
-def __getattr__(name: str) -> Any:
-    # The figure needs matplotlib and lives in qa_figure.py; ``qa.qa_figure`` keeps working without
-    # importing it for the napari layers.
-    if name == "qa_figure":
-        from .qa_figure import qa_figure
-
-        return qa_figure
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_register import metrics, qa
+from napari_register import metrics, qa, qa_figure
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -327,16 +327,16 @@ def test_qa_figure_writes_png_2d_and_3d(tmp_path):
     fixed2 = rng.random((32, 40))
     disp2 = np.zeros((32, 40, 2))
     disp2[..., 0] = 2 * np.sin(np.arange(40) / 6)
-    p2 = qa.qa_figure(fixed2, fixed2[::-1], disp2, np.ones((32, 40)), tmp_path / "qa2.png", title="2D",
+    p2 = qa_figure.qa_figure(fixed2, fixed2[::-1], disp2, np.ones((32, 40)), tmp_path / "qa2.png", title="2D",
                       moving_before=fixed2[:, ::-1])
     fixed3 = rng.random((12, 16, 20))
     jac3 = np.ones((12, 16, 20))
     jac3[0, 0, 0] = -1
-    p3 = qa.qa_figure(fixed3, fixed3, np.zeros((12, 16, 20, 3)), jac3, tmp_path / "sub" / "qa3.png",
+    p3 = qa_figure.qa_figure(fixed3, fixed3, np.zeros((12, 16, 20, 3)), jac3, tmp_path / "sub" / "qa3.png",
                       spacing_xyz=(1.0, 1.0, 3.0), moving_before=fixed3[::-1])
-    p_none = qa.qa_figure(fixed2, fixed2, None, None, tmp_path / "none.png")
+    p_none = qa_figure.qa_figure(fixed2, fixed2, None, None, tmp_path / "none.png")
     for p in (p2, p3, p_none):
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     with pytest.raises(ValueError, match="jac"):
-        qa.qa_figure(fixed2, fixed2, None, np.ones((3, 3)), tmp_path / "bad.png")
+        qa_figure.qa_figure(fixed2, fixed2, None, np.ones((3, 3)), tmp_path / "bad.png")

@@ -42,10 +42,24 @@ def add(viewer, image: Image, name: str, kind: str = "image"):
     return getattr(viewer, f"add_{kind}")(data, **kw)
 
 
-def run_widget(qtbot, widget: RegisterWidget, **kw) -> None:
+def run_widget(qtbot, widget: RegisterWidget, **kw) -> list[str]:
+    """Run and wait; returns the status line after each progress step and after the result."""
+    shown: list[str] = []
+    handlers = {name: getattr(widget, name) for name in ("_on_progress", "_on_returned")}
+    for name, handler in handlers.items():  # (a Label emits no signal when set)
+        setattr(widget, name, lambda x, handler=handler: (handler(x), shown.append(widget.status.value)))
     widget.run(**kw)
     assert widget.running
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    for name, handler in handlers.items():
+        setattr(widget, name, handler)
+    return shown
+
+
+def look(viewer) -> list[tuple]:
+    """What the user sees of each layer: name, visibility and style."""
+    return [(layer.name, layer.visible, layer.opacity, str(layer.blending),
+             getattr(getattr(layer, "colormap", None), "name", None)) for layer in viewer.layers]
 
 
 def assert_placed_like(layer, reference) -> None:
@@ -216,7 +230,10 @@ def test_register_2d_adds_layers_in_fixed_frame_and_improves_tre(histology, qtbo
         qa_w.view.value = view
         qa_w.show_view()
         assert_placed_like(viewer.layers[f"QA {view}"], viewer.layers["fixed"])
+    assert not run.layers["grid"].visible and not run.layers["grid"].data.any()  # drawn when shown
+    run.layers["grid"].visible = True
     grid_before = run.layers["grid"].data.mean()
+    assert grid_before > 0
     qa_w.grid_spacing.value = 32
     assert run.layers["grid"].data.mean() < 0.8 * grid_before
     # the field writer saves the run's displacement as an ITK transform; other layers are refused
@@ -240,9 +257,35 @@ def test_register_3d_improves_dice_then_instance_optimisation(brain, qtbot):
     fixed_seg, moving_seg = viewer.layers["fixed_seg"].data, viewer.layers["moving_seg"].data
     dice_before = np.nanmean(list(metrics.dice(fixed_seg, moving_seg).values()))
 
-    run_widget(qtbot, reg)
+    statuses = run_widget(qtbot, reg)
     (run,) = reg.session.runs
     assert set(run.layers) == {"warped", "labels", "grid", "jacobian", "magnitude"}
+    # the status went: estimate, the stages with [k/n], share done and time left, then the result
+    estimate = next(i for i, text in enumerate(statuses) if text.startswith("estimated time: about"))
+    stage = next(i for i, text in enumerate(statuses) if text.startswith("[") and "% " in text)
+    assert estimate < stage < len(statuses) - 1, statuses
+    assert "left" in statuses[stage] and statuses[estimate] in statuses[stage]  # the estimate stays in view
+    assert "registration" in reg.status.value
+    assert reg.progress.value == 100
+    # the result view: fixed green, warped magenta over it (added: grey where they agree), the moving
+    # hidden (not removed), labels as contours, grid, Jacobian and magnitude hidden
+    fixed, moving, warped = viewer.layers["fixed"], viewer.layers["moving"], run.layers["warped"]
+    assert fixed.visible and fixed.colormap.name == "green"
+    assert warped.visible and warped.colormap.name == "magenta" and str(warped.blending) == "additive"
+    assert viewer.layers.selection.active is warped
+    assert viewer.layers.index(warped) > viewer.layers.index(fixed)  # over it
+    assert not moving.visible and moving.colormap.name == warped.colormap.name  # "before" looks alike
+    assert run.layers["labels"].visible and run.layers["labels"].contour > 0
+    assert not any(run.layers[role].visible for role in ("grid", "jacobian", "magnitude"))
+    # the before/after toggle swaps the moving image in for the result, and back
+    assert reg.before.enabled and not reg.before.value
+    reg.before.value = True
+    assert moving.visible and not warped.visible and not run.layers["labels"].visible
+    reg.before.value = False
+    assert not moving.visible and warped.visible and run.layers["labels"].visible
+    # hidden layers are drawn when first shown
+    run.layers["magnitude"].visible = True
+    np.testing.assert_allclose(run.layers["magnitude"].data, run.result.field.magnitude())
     for layer in run.layers.values():
         assert_placed_like(layer, viewer.layers["fixed"])
     fixed_img, moving_img = viewer.layers["fixed"].data, viewer.layers["moving"].data
@@ -254,8 +297,10 @@ def test_register_3d_improves_dice_then_instance_optimisation(brain, qtbot):
     assert run.dice > dice_before + 0.005, (run.dice, dice_before)
     assert run.result.fold_fraction == metrics.fold_fraction(run.layers["jacobian"].data)
     # rolling the axes redraws the grid with the lines of the plane now on screen
-    from napari_register._napari.session import grid_array
+    from napari_register._napari.result_view import grid_array
 
+    run.layers["grid"].visible = True
+    np.testing.assert_array_equal(run.layers["grid"].data, grid_array(run.result, run.grid_spacing, (1, 2)))
     viewer.dims.order = (1, 0, 2)
     np.testing.assert_array_equal(run.layers["grid"].data, grid_array(run.result, run.grid_spacing, (0, 2)))
     viewer.dims.order = (0, 1, 2)
@@ -268,11 +313,14 @@ def test_register_3d_improves_dice_then_instance_optimisation(brain, qtbot):
     second = reg.session.runs[1]
     assert second.parent == 1 and second.result.io_steps == 10
     assert second.layers["warped"].name == "optimize #2 warped"
+    assert second.layers["warped"].visible and not run.layers["warped"].visible  # the newest result on top
     assert qa_w.table.data.to_list()[1][0] == "#2 (from #1)"
 
 
 def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histology, brain_layers, qtbot,
                                                                           monkeypatch, tmp_path):
+    import torch
+
     from napari_register import weights
 
     viewer, reg, _ = histology
@@ -281,7 +329,15 @@ def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histo
     assert reg.checkpoint.choices[0] == shipped_2d  # the shipped checkpoint first, "from file..." offered
     reg.checkpoint.value = shipped_2d
     assert list(reg.settings.choices) == ["default"]  # the brain settings are for 3D
-    assert reg.io_steps.value == 50  # CARL's default; Run with 0, then continue with the button
+    from napari_register.methods.registry import get_method
+
+    carl = get_method("carl")
+    reg.device.value = "cpu"
+    assert reg.io_steps.value == carl.io_steps_default(torch.device("cpu")) == 0  # minutes on the CPU
+    if torch.cuda.is_available():
+        reg.device.value = "cuda"
+        assert reg.io_steps.value == carl.io_steps_default(torch.device("cuda")) == 50
+        reg.device.value = "cpu"
     reg.io_steps.value = 0
     reg.method_options = {"affine_iterations": 20}
     shipped = weights.sha256(weights.CHECKPOINT_DIR / "carl-2d.pt")
@@ -339,7 +395,7 @@ def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histo
 def test_cancel_leaves_no_half_made_layers(brain, qtbot):
     viewer, reg, _ = brain
     reg.method_options = {"levels": [2], "iterations": [5000]}  # would run for minutes
-    names = [layer.name for layer in viewer.layers]
+    names, seen = [layer.name for layer in viewer.layers], look(viewer)
     steps: list[int] = []
     on_progress = reg._on_progress
 
@@ -348,16 +404,16 @@ def test_cancel_leaves_no_half_made_layers(brain, qtbot):
         on_progress(p)
     reg._on_progress = record
     reg.run()
-    qtbot.waitUntil(lambda: "step 12/" in reg.status.value, timeout=WAIT_MS)  # past the first preview
-    assert any("preview" in layer.name for layer in viewer.layers)
+    qtbot.waitUntil(lambda: " 12/5000" in reg.status.value, timeout=WAIT_MS)  # past the first preview
+    assert any("preview" in layer.name for layer in viewer.layers) and reg.progress.value > 0
     reg.cancel_button.clicked.emit()
     qtbot.waitUntil(lambda: not reg.running, timeout=60_000)
     # cancel is polled at every step: the run stops long before its 5000 steps (counted in steps,
     # not seconds, so a loaded machine cannot fail it)
     assert max(steps) < 1000
-    assert [layer.name for layer in viewer.layers] == names
+    assert [layer.name for layer in viewer.layers] == names and look(viewer) == seen  # nothing restyled
     assert reg.session.runs == [] and "cancelled" in reg.status.value
-    assert reg.run_button.enabled
+    assert reg.run_button.enabled and reg.progress.value == 0 and not reg.before.enabled
 
 
 def test_error_becomes_notification_and_widget_lives(brain, qtbot, monkeypatch):
@@ -388,9 +444,11 @@ def test_bad_input_is_a_notification_and_the_viewer_is_unchanged(viewer_widgets,
     add(viewer, Image(volume((32, 32), shift=2), Geometry.default((32, 32))), "moving")
     reg.method_options = {"levels": [2, 1], "iterations": [3, 3], "affine_iterations": 2}
     before = [(layer.name, np.array(layer.data, copy=True)) for layer in viewer.layers]
+    seen = look(viewer)
 
     def unchanged() -> None:
-        assert [layer.name for layer in viewer.layers] == [name for name, _ in before]
+        assert [layer.name for layer in viewer.layers] == [name for name, _ in before] and look(viewer) == seen
+        assert reg.progress.value == 0
         for (_, data), layer in zip(before, viewer.layers):
             np.testing.assert_array_equal(layer.data, data)
         assert reg.run_button.enabled and not reg.cancel_button.enabled and reg.session.runs == []

@@ -17,7 +17,8 @@ from ..image import Image
 from ..transforms import MatrixTransform, warp_image
 from . import session as ses
 from .layers import META_KEY, image_from_layer, image_layer, points_phys, same_place
-from .widgets import displayed_axes, layer_choices
+from .result_view import draw_grid
+from .widgets import layer_choices
 
 VIEWS = ("checkerboard", "difference", "blend")
 
@@ -121,12 +122,8 @@ class QAWidget(Container):
 
     def set_grid_spacing(self, spacing: float) -> None:
         """Redraw the selected run's deformation grid with lines every ``spacing`` voxels."""
-        run = self.run.value
-        if run is None or run.layers.get("grid") not in self.viewer.layers:
-            return
-        run.grid_spacing = float(spacing)
-        layer = run.layers["grid"]
-        layer.data = ses.grid_array(run.result, spacing, displayed_axes(self.viewer, layer.ndim))
+        if self.run.value is not None:
+            draw_grid(self.viewer, self.run.value, spacing)
 
     # ------------------------------------------------------------------ views
     def show_view(self) -> None:

@@ -1,7 +1,8 @@
 """Runs of one viewer's session (shared by the Register and QA widgets) and the result layers of a run.
 
-The heavy arrays of a run (warped labels, grid) are computed in the worker thread by :func:`run_job`;
-:func:`result_layers` only packs them into layer-data tuples for the main thread to add.
+The heavy arrays of a run (warped labels, live previews) are computed in the worker thread by
+:func:`run_job`; :func:`result_view.result_layers` only packs them into layer-data tuples for the
+main thread to add.
 """
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Optional, Sequence
 
 import numpy as np
+import torch
 from psygnal import Signal
 
-from .. import qa
 from ..api import RegistrationResult, iter_register
 from ..image import Image
 from ..progress import Cancelled, Progress
-from .layers import LayerData, image_layer, points_layer, run_metadata
 
 COLUMNS = ("run", "method", "checkpoint", "io steps", "seconds", "Dice", "TRE mean", "TRE max", "folds %")
 
@@ -31,7 +31,6 @@ class RunProducts:
     result: RegistrationResult
     warped_labels: Optional[Image] = None
     warped_points: Optional[np.ndarray] = None  # physical (x, y[, z]), moving landmarks in the fixed frame
-    grid: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -54,6 +53,7 @@ class Run:
     parent: Optional[int] = None  # the run this one continued (instance optimisation)
     layers: dict[str, Any] = field(default_factory=dict)
     grid_spacing: float = 8.0
+    grid_stale: bool = True  # the grid layer holds no lines yet (drawn when shown)
     dice: Optional[float] = None
     tre: Optional[tuple[float, float]] = None  # mean, max
 
@@ -116,64 +116,46 @@ def default_grid_spacing(shape: Sequence[int]) -> float:
     return float(max(4, round(max(shape) / 16)))
 
 
-def grid_array(result: RegistrationResult, spacing: float, axes: Sequence[int]) -> np.ndarray:
-    """Deformation grid on the fixed grid: lines of the given array ``axes`` (the displayed plane),
-    so every slice of a 3D volume shows its own in-plane grid -> float32 0/1 of the fixed shape."""
-    return qa.grid_image(result.field.disp_vox(), spacing, axes=tuple(axes))
-
-
 def run_job(moving: Image, fixed: Image, cancelled: Callable[[], bool], labels: Optional[Image] = None,
-            points: Optional[np.ndarray] = None, grid_spacing: float = 8.0, grid_axes: Sequence[int] = (0, 1),
+            points: Optional[np.ndarray] = None, threads: Optional[int] = None,
             **kwargs: Any) -> Generator[Progress, None, RunProducts | Failed]:
-    """The worker-thread body: :func:`iter_register` with previews, then the derived arrays.
+    """The worker-thread body: :func:`iter_register` with its live previews, then the warped labels
+    and points; its last step is the pipeline's ``"done"``. ``threads``: torch's CPU threads here
+    (a pooled worker thread keeps the count it had when created, not the main thread's current one).
 
     Returns :class:`RunProducts`, or :class:`Failed` with the :class:`Cancelled` or the exception that
     stopped it, so that nothing escapes into napari's thread machinery (the widget reports it)."""
+    if threads:
+        torch.set_num_threads(threads)
+    steps = iter_register(moving, fixed, cancel=cancelled, previews=True, **kwargs)
     try:
-        result = yield from iter_register(moving, fixed, cancel=cancelled, previews=True, **kwargs)
+        done = None
+        last = Progress("finishing", 0, 1)  # the latest step with a share done, which the finishing keeps
+        while True:
+            try:
+                p = next(steps)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if p.stage == "done":  # held back until the labels and points are warped too
+                done = p
+                continue
+            last = p if p.fraction is not None else last
+            yield p
         out = RunProducts(result)
-        steps = (("warped_labels", "warping labels", lambda: None if labels is None else result.warp_labels(labels)),
-                 ("warped_points", "mapping points",
-                  lambda: None if points is None else result.map_points_inverse(points)),
-                 ("grid", "drawing grid", lambda: grid_array(result, grid_spacing, grid_axes)))
-        for attr, stage, work in steps:
-            yield Progress(f"finishing: {stage}", 0, 1)
+        for attr, stage, source, fn in (("warped_labels", "warping labels", labels, result.warp_labels),
+                                        ("warped_points", "mapping points", points, result.map_points_inverse)):
+            if source is None:
+                continue
+            yield Progress(f"finishing: {stage}", 0, 1, fraction=last.fraction, stage_index=last.stage_index,
+                           stages=last.stages)
             if cancelled():
                 raise Cancelled("registration cancelled")
-            setattr(out, attr, work())
+            setattr(out, attr, fn(source))
+        if done is not None:
+            yield done
         return out
     except Exception as e:  # Cancelled included
         return Failed(e)
-
-
-def result_layers(run: Run, products: RunProducts, points_style: Optional[dict] = None) -> dict[str, LayerData]:
-    """Role -> layer-data tuple for every result layer, all placed on the fixed image's grid."""
-    r = products.result
-    meta = (lambda role: {"metadata": run_metadata(run.number, role, r.field)})
-    name = run.name
-    geom = r.fixed.geometry
-    out = {"warped": image_layer(r.warped, f"{name} warped", **meta("warped"),
-                                 **({} if r.warped.rgb else {"colormap": "green", "blending": "additive"}))}
-    if products.warped_labels is not None:
-        out["labels"] = image_layer(products.warped_labels, f"{name} warped labels", "labels", opacity=0.5,
-                                    **meta("labels"))
-    if products.warped_points is not None:
-        out["points"] = points_layer(products.warped_points, geom, f"{name} warped points",
-                                     **(points_style or {}), **meta("points"))
-    if products.grid is not None:
-        out["grid"] = image_layer(Image(products.grid, geom), f"{name} grid", colormap="yellow",
-                                  blending="additive", contrast_limits=(0, 1), **meta("grid"))
-    cm = qa.jacobian_colormap(0.0, 2.0)
-    out["jacobian"] = image_layer(r.jacobian, f"{name} Jacobian", visible=False, opacity=0.7,
-                                  colormap=_napari_colormap(cm), contrast_limits=cm["contrast_limits"],
-                                  **meta("jacobian"))
-    out["magnitude"] = image_layer(Image(r.field.magnitude(), geom), f"{name} |displacement|",
-                                   colormap="inferno", visible=False, **meta("magnitude"))
-    return out
-
-
-def _napari_colormap(cm: dict) -> Any:
-    from napari.utils import Colormap
-
-    # qa's piecewise colours: blue (shrink) -> white at det 1 -> red (grow), and a green band for det <= 0
-    return Colormap(colors=cm["colors"], controls=cm["controls"], name="jacobian (fold = green)")
+    finally:
+        steps.close()

@@ -1,24 +1,30 @@
 """Dock widgets "Register" and "Registration QA": thin front ends over :func:`iter_register`.
 
 The registration runs in a napari worker thread (:func:`session.run_job`); the widget only turns its
-progress into the progress bar and a live preview layer, and its result into layers.
+progress into the progress bar, the status line and a live preview layer, and its result into layers
+styled for judging it (:mod:`.result_view`).
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton, SpinBox
+import torch
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image as ImageLayer
 from napari.layers import Labels, Points
 from napari.utils.notifications import show_error, show_info
 
-from ..progress import Cancelled, Progress
+from ..api import resolve_device
+from ..errors import InputError
 from ..methods.registry import get_method, list_methods
+from ..progress import Cancelled, Progress
+from . import result_view as view
 from . import session as ses
 from .layers import META_KEY, image_from_layer, image_layer, points_phys
 
@@ -49,13 +55,6 @@ def layer_choices(viewer: Any, kind: type, exclude_role: Optional[str] = None):
     return choices
 
 
-def displayed_axes(viewer: Any, ndim: int) -> tuple[int, ...]:
-    """Array axes of an ``ndim``-D layer shown on screen (the last two of the viewer's dims order)."""
-    offset = viewer.dims.ndim - ndim
-    axes = [a - offset for a in viewer.dims.order[-2:] if a - offset >= 0]
-    return tuple(sorted(axes)) if len(axes) == 2 else tuple(range(ndim))[-2:]
-
-
 class RegisterWidget(Container):
     """Pick moving/fixed layers and a method, run it in a worker, add the result layers."""
 
@@ -70,7 +69,9 @@ class RegisterWidget(Container):
         self._preview: Any = None
         self._extra_checkpoints: list[str] = []
         self._seen: set[int] = set()  # ids of layers already offered (auto-pick only new ones)
-        self._method_shown: Optional[str] = None
+        self._defaults_for: Optional[tuple[str, str]] = None  # (method, device) the IO steps were set for
+        self._started = 0.0
+        self._estimate = ""
         self.moving = ComboBox(label="moving", choices=layer_choices(viewer, ImageLayer, "warped"))
         self.fixed = ComboBox(label="fixed", choices=layer_choices(viewer, ImageLayer, "warped"))
         self.moving_labels = ComboBox(label="moving labels", choices=layer_choices(viewer, Labels), nullable=True)
@@ -86,12 +87,15 @@ class RegisterWidget(Container):
         self.run_button = PushButton(text="Run")
         self.io_button = PushButton(text="Instance optimisation", enabled=False)
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        self.progress = ProgressBar(label="progress", min=0, max=100, value=0)  # % of the whole run
         self.status = Label(value="")
+        self.status.native.setWordWrap(True)  # a long stage name must not widen the dock
+        self.before = CheckBox(text="show the moving image (before)", value=False, enabled=False,
+                               tooltip="swap the result for the unregistered moving image, over the fixed one")
         buttons = Container(widgets=[self.run_button, self.io_button, self.cancel_button], layout="horizontal",
                             labels=False)
         self.extend([self.moving, self.fixed, self.moving_labels, self.moving_points, self.method, self.checkpoint,
-                     self.settings, self.device, self.io_steps, buttons, self.progress, self.status])
+                     self.settings, self.device, self.io_steps, buttons, self.progress, self.status, self.before])
         self.moving_labels.value = None
         self.moving_points.value = None
         self._grey_out_cuda()
@@ -99,6 +103,8 @@ class RegisterWidget(Container):
             w.changed.connect(self._on_layers_changed)
         self.method.changed.connect(self._on_method_changed)
         self.checkpoint.changed.connect(self._on_checkpoint_changed)
+        self.device.changed.connect(self._reset_io_steps)
+        self.before.changed.connect(self._on_before)
         self.run_button.clicked.connect(lambda: self.run())
         self.io_button.clicked.connect(lambda: self.run(continue_run=True))
         self.cancel_button.clicked.connect(self.cancel)
@@ -153,8 +159,6 @@ class RegisterWidget(Container):
         return ["default", *self._presets()]
 
     def _grey_out_cuda(self) -> None:
-        import torch
-
         if not torch.cuda.is_available():
             item = self.device.native.model().item(2)
             item.setEnabled(False)
@@ -177,9 +181,20 @@ class RegisterWidget(Container):
         self._refresh_checkpoints()
         self.settings.reset_choices()
         self.settings.visible = len(self.settings.choices) > 1  # only methods that have presets
-        if self.method.value is not None and self.method.value != self._method_shown:
-            self._method_shown = self.method.value  # only a new method resets the steps to its default
-            self.io_steps.value = get_method(self.method.value).default_io_steps
+        self._reset_io_steps()
+
+    def _reset_io_steps(self, *_: Any) -> None:
+        """The chosen method's default IO steps on the chosen device (CARL: none on the CPU, where
+        they take minutes); only a new method or device resets what the user typed."""
+        key = (self.method.value, self.device.value)
+        if key[0] is None or key == self._defaults_for:
+            return
+        self._defaults_for = key
+        try:
+            device = resolve_device(self.device.value)
+        except InputError:  # "cuda" without a GPU (greyed out; Run reports it)
+            device = torch.device("cpu")
+        self.io_steps.value = get_method(key[0]).io_steps_default(device)
 
     def _on_checkpoint_changed(self, value: Any) -> None:
         if value != FROM_FILE:
@@ -210,6 +225,7 @@ class RegisterWidget(Container):
         running = self.running
         self.run_button.enabled = problem is None and not running
         self.io_button.enabled = problem is None and not running and self._current_run() is not None
+        self.before.enabled = not running and self._current_run() is not None
         if problem:
             self.status.value = problem
         return problem
@@ -228,10 +244,12 @@ class RegisterWidget(Container):
     def _redraw_grids(self, *_: Any) -> None:
         """Another plane is on screen (axes rolled): redraw every grid with that plane's lines."""
         for run in self.session.runs:
-            layer = run.layers.get("grid")
-            if layer is not None and layer in self.viewer.layers:
-                axes = displayed_axes(self.viewer, layer.ndim)
-                layer.data = ses.grid_array(run.result, run.grid_spacing, axes)
+            view.draw_grid(self.viewer, run)
+
+    def _on_before(self, before: bool) -> None:
+        run = self._current_run()
+        if run is not None:
+            view.show_before(self.viewer, run, before)
 
     # ------------------------------------------------------------------ running
     def run(self, continue_run: bool = False) -> None:
@@ -254,15 +272,17 @@ class RegisterWidget(Container):
         self._cancel = False
         # what the result belongs to, fixed now: the pickers may change while the job runs
         self._job = dict(number=self.session.next_number(), parent=parent, method=job["method"],
-                         options=job["options"], grid_spacing=job["grid_spacing"], moving=self.moving.value,
-                         fixed=self.fixed.value, points=self.moving_points.value)
+                         options=job["options"], grid_spacing=ses.default_grid_spacing(job["fixed"].shape),
+                         moving=self.moving.value, fixed=self.fixed.value, points=self.moving_points.value)
         self.worker = create_worker(ses.run_job, _start_thread=False, _ignore_errors=True, **job)
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_returned)
         self.worker.finished.connect(self._on_finished)
         self.cancel_button.enabled = True
         self._check()
+        self.progress.value = 0
         self.status.value = "starting..."
+        self._started, self._estimate = time.perf_counter(), ""
         self.worker.start()
 
     def _job_arguments(self, parent: Optional[ses.Run]) -> dict[str, Any]:
@@ -282,10 +302,9 @@ class RegisterWidget(Container):
         labels = self.moving_labels.value
         points = self.moving_points.value
         return dict(moving=image_from_layer(self.moving.value), fixed=fixed, cancelled=lambda: self._cancel,
+                    threads=torch.get_num_threads(),  # the process's, as the CLI and scripts get
                     labels=None if labels is None else image_from_layer(labels),
-                    points=None if points is None else points_phys(points),
-                    grid_spacing=ses.default_grid_spacing(fixed.shape),
-                    grid_axes=displayed_axes(self.viewer, fixed.ndim), **kwargs)
+                    points=None if points is None else points_phys(points), **kwargs)
 
     def cancel(self) -> None:
         """Ask the running registration to stop at its next step (well under a second)."""
@@ -296,11 +315,16 @@ class RegisterWidget(Container):
         if p.message is not None:  # the run changed something on the user's behalf (resolution, device)
             show_info(p.message)
             return
-        self.progress.max = max(p.total, 1)
-        self.progress.value = min(p.step, p.total)
-        loss = "" if p.loss is None else f", loss {p.loss:.4f}"
-        self.status.value = f"{p.stage}: step {p.step}/{p.total}{loss}"
-        if p.warped is not None and not self._cancel:  # live preview of the alignment
+        if self._cancel:  # "cancelling..." stays until the run stops
+            return
+        if p.fraction is not None:
+            self.progress.value = round(100 * p.fraction)
+        if p.stage == "estimate":  # kept under the stage lines: they follow within milliseconds
+            self._estimate = str(p)  # "estimated time: about 12 s"
+            self.status.value = self._estimate
+        elif p.stage != "done":  # the result's own line follows
+            self.status.value = f"{p}\n{self._estimate}"  # "[k/n] stage i/m ... 48% 6 s left"
+        if p.warped is not None:  # live preview of the alignment
             if self._preview is None or self._preview not in self.viewer.layers:
                 data, kw, _ = image_layer(p.warped, f"{self._job['method']} #{self._job['number']} warped (preview)",
                                           **({} if p.warped.rgb else {"colormap": "green", "blending": "additive"}))
@@ -311,6 +335,7 @@ class RegisterWidget(Container):
     def _on_returned(self, out: Any) -> None:
         self._drop_preview()
         if isinstance(out, ses.Failed):
+            self.progress.value = 0
             err = out.error
             if isinstance(err, Cancelled):
                 self.status.value = "cancelled; the layers are as they were"
@@ -329,12 +354,18 @@ class RegisterWidget(Container):
         # warped landmarks as large as the user's, in a colour of their own
         size = float(np.mean(pts.size)) if pts is not None and len(pts.data) else 10.0
         style = {} if pts is None else {"face_color": "yellow", "size": size}
-        for role, (data, kw, kind) in ses.result_layers(run, out, style).items():
+        for role, (data, kw, kind) in view.result_layers(run, out, style).items():
             run.layers[role] = getattr(self.viewer, f"add_{kind}")(data, **kw)
+        view.show_result(self.viewer, run, self.session.runs)
+        with self.before.changed.blocked():
+            self.before.value = False
+        self.session.add(run)  # the QA widget measures it
+        self.progress.value = 100
         r = out.result
         loss = "" if r.loss is None else f", loss {r.loss:.4f}"
-        self.status.value = f"{run.name}: {r.seconds:.1f} s{loss}, folds {100 * r.fold_fraction:.3f} %"
-        self.session.add(run)
+        # Run to layers, then the registration alone (what the CLI and the benchmark report)
+        self.status.value = (f"{run.name}: {time.perf_counter() - self._started:.1f} s (registration "
+                             f"{r.seconds:.1f} s){loss}, folds {100 * r.fold_fraction:.3f} %")
 
     def _drop_preview(self) -> None:
         if self._preview is not None and self._preview in self.viewer.layers:
@@ -345,6 +376,7 @@ class RegisterWidget(Container):
         self._drop_preview()  # also after an error escaping the job
         self.worker = None
         self.cancel_button.enabled = False
-        self.progress.value = 0
+        if not self.session.runs or self.session.runs[-1].number != self._job.get("number"):
+            self.progress.value = 0  # no result (an error escaping the job): nothing done
         self._check()
 
