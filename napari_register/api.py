@@ -236,7 +236,6 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     tracker = Tracker(_plan(algo, fix.shape, shape, steps, init is not None),
                       seconds_scale(dev.type, torch.get_num_threads()))
     yield Progress("estimate", 0, 0, eta=tracker.estimate)
-    yield tracker.update(Progress("preparing", 0, 1))
     try:
         out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, init_out, dev, cancel, previews,
                                      tracker)
@@ -278,17 +277,19 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
         timings=tracker.timings)
 
 
-# seconds per fixed-grid voxel on the reference CPU (2 threads): resampling both images onto the
-# working grid, and bringing the map back (field, warped image, Jacobian); OASIS and histology pairs
-PREPARE_SECONDS, FINISH_SECONDS = 2e-8, 1e-7
+# seconds per fixed-grid voxel on the reference CPU (2 threads), by dimensionality: resampling both
+# images onto the working grid, and bringing the map back (field, warped image, Jacobian); measured
+# on the OASIS and histology pairs
+PREPARE_SECONDS = {2: 7e-8, 3: 1e-7}
+FINISH_SECONDS = {2: 1e-7, 3: 2.5e-7}
 
 
 def _plan(algo: Method, fixed_shape: tuple[int, ...], shape: tuple[int, ...], steps: int,
           continuing: bool) -> list[Stage]:
     """The whole run's stages: the pipeline's own around the method's (see ``Method.plan``)."""
-    voxels = float(np.prod(fixed_shape))
-    return ([Stage("preparing", 1, PREPARE_SECONDS * voxels)] + algo.plan(shape, steps, continuing)
-            + [Stage("finishing", 1, FINISH_SECONDS * voxels)])
+    voxels, d = float(np.prod(fixed_shape)), len(fixed_shape)
+    return ([Stage("preparing", 1, PREPARE_SECONDS[d] * voxels)] + algo.plan(shape, steps, continuing)
+            + [Stage("finishing", 1, FINISH_SECONDS[d] * voxels)])
 
 
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
@@ -303,6 +304,7 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
     costs at most the step under way) and adding previews; returns the method's output."""
     fixed_t = _working_tensor(fix, None, fix.geometry, shape, dev)
     moving_t = _working_tensor(mov, init_tx, fix.geometry, shape, dev)
+    yield tracker.update(Progress("preparing", 1, 1))  # a step is reported when it is done
     gen = algo.iter_run(moving_t, fixed_t, steps, init=init_out)
     previewer = Previewer(mov, fix, init_tx) if previews else None
     try:

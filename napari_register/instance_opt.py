@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 import torch
 
@@ -16,7 +16,44 @@ LossFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 """Returns ``(loss, map)``: the scalar to minimise and the current fixed->moving map (for previews)."""
 
 
-class FieldAdam(torch.optim.Optimizer):
+class Adam:
+    """Adam (no weight decay) on a few tensors, without ``torch.optim``: creating a ``torch.optim``
+    optimiser imports ``torch._dynamo``, 1.1 s of every command that runs ``optimize`` (measured),
+    more than its whole affine stage. The same update as ``torch.optim.Adam``; ``param_groups`` so
+    :func:`iter_optimise`'s schedule sets the rate."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.param_groups = [dict(params=list(params), lr=lr, betas=betas, eps=eps)]
+        self.state: dict[torch.Tensor, dict] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+    def _square(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * grad
+
+    def _direction(self, m_hat: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+        return m_hat / rms
+
+    @torch.no_grad()
+    def step(self) -> None:
+        group = self.param_groups[0]
+        b1, b2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state.setdefault(p, {"t": 0, "m": torch.zeros_like(p), "v": 0.0})
+            st["t"] += 1
+            st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+            st["v"] = b2 * st["v"] + (1 - b2) * self._square(p.grad)
+            m_hat = st["m"] / (1 - b1 ** st["t"])
+            rms = (st["v"] / (1 - b2 ** st["t"])).sqrt() + group["eps"]
+            p.sub_(self._direction(m_hat, rms), alpha=group["lr"])
+
+
+class FieldAdam(Adam):
     """Adam whose second moment is the mean over each whole tensor, steps clipped to ``lr``.
 
     Plain Adam normalises every parameter by its own gradient history, so a voxel of a field whose
@@ -26,35 +63,25 @@ class FieldAdam(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-12) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        super().__init__(params, lr, betas, eps)
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["t"], st["m"], st["v"] = 0, torch.zeros_like(p), torch.zeros((), device=p.device)
-                st["t"] += 1
-                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
-                st["v"].mul_(b2).add_(p.grad.pow(2).mean(), alpha=1 - b2)
-                m_hat = st["m"] / (1 - b1 ** st["t"])
-                rms = (st["v"] / (1 - b2 ** st["t"])).sqrt() + group["eps"]
-                p.sub_((m_hat / rms).clamp_(-1, 1), alpha=group["lr"])
+    def _square(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.pow(2).mean()
+
+    def _direction(self, m_hat: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+        return (m_hat / rms).clamp_(-1, 1)
 
 
 def iter_optimise(params: Iterable[torch.nn.Parameter], loss_fn: LossFn, steps: int, lr: float,
                   stage: str = "instance optimisation", preview_every: int = 10, lr_end: float | None = None,
-                  optimizer: type[torch.optim.Optimizer] = torch.optim.Adam, warmup: int = 0,
+                  optimizer: Callable[..., Any] = torch.optim.Adam, warmup: int = 0,
                   ) -> Generator[Progress, None, float]:
     """Adam on ``params`` for ``steps`` steps; yields Progress (with the map every ``preview_every``
     steps and at the last) and returns the final loss. ``lr_end``: decay the rate linearly to it, which
     quiets Adam's sign-like steps where the gradient is only noise (flat background). ``warmup``: ramp
     the rate up linearly over that many first steps (Adam's first steps move every weight by about
-    ``lr`` whatever its gradient, which can first undo what a trained network had)."""
+    ``lr`` whatever its gradient, which can first undo what a trained network had). ``optimizer``:
+    a ``torch.optim`` class or :class:`Adam` / :class:`FieldAdam` (anything with ``param_groups``)."""
     params = list(params)
     opt = optimizer(params, lr=lr)
     end = lr if lr_end is None else lr_end
@@ -62,7 +89,6 @@ def iter_optimise(params: Iterable[torch.nn.Parameter], loss_fn: LossFn, steps: 
     def factor(i: int) -> float:  # linear decay lr -> end, times the warm-up ramp
         return (1.0 + (end / lr - 1.0) * min(i / max(steps - 1, 1), 1.0)) * min(1.0, (i + 1) / (warmup + 1))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     loss_value = float("nan")
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -71,8 +97,9 @@ def iter_optimise(params: Iterable[torch.nn.Parameter], loss_fn: LossFn, steps: 
             raise FloatingPointError(f"{stage}: loss became {loss.item()} at step {step}; "
                                      "lower the learning rate or check the inputs for NaN")
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr * factor(step - 1)
         opt.step()
-        sched.step()
         loss_value = float(loss.detach())
         show = step == steps or (preview_every and step % preview_every == 0)
         yield Progress(stage, step, steps, loss_value, phi.detach() if show else None)
@@ -94,13 +121,15 @@ def affine_shape(shape: tuple[int, ...], size: int = 48) -> tuple[int, ...]:
     return tuple(max(int(round(s / f)), 4) for s in shape)
 
 
-# seconds per voxel of the affine grid and step on the reference CPU (2 threads; OASIS and histology)
-AFFINE_SECONDS = 1.0e-7
+# seconds per voxel of the affine grid and step, and per step, on the reference CPU (2 threads;
+# OASIS and histology pairs)
+AFFINE_SECONDS, AFFINE_STEP_SECONDS = 2e-7, 1e-3
 
 
 def affine_stage(shape: tuple[int, ...], iterations: int, size: int = 48, label: str = "affine") -> Stage:
     """The planned :class:`Stage` of an :func:`iter_affine` run."""
-    return Stage(label, iterations, AFFINE_SECONDS * math.prod(affine_shape(shape, size)) * iterations)
+    voxels = math.prod(affine_shape(shape, size))
+    return Stage(label, iterations, (AFFINE_SECONDS * voxels + AFFINE_STEP_SECONDS) * iterations)
 
 
 def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -128,5 +157,5 @@ def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[
         return similarity(sample(mov_a, phi), fix_a), phi
 
     yield from iter_optimise([theta], loss_fn, iterations, 0.01, stage=f"{stage} ({'x'.join(map(str, ashape))})",
-                             lr_end=0.001)
+                             lr_end=0.001, optimizer=Adam)
     return matrix().detach()

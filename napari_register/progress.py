@@ -96,7 +96,7 @@ class Tracker:
         self.index = -1
         self.stage: Optional[str] = None
         self.start = clock()
-        self.stage_start = self.start
+        self.stage_start = self.last = self.start
         self.timings: list[tuple[str, float]] = []
 
     @property
@@ -105,10 +105,12 @@ class Tracker:
         return None if self.scale is None else self.total * self.scale
 
     def _enter(self, stage: str) -> None:
-        now = self.clock()
+        # A step is reported when it ends: the stage before ended at its last report, and the time
+        # since then is this stage's first step.
         if self.stage is not None:
-            self.timings.append((self.stage, now - self.stage_start))
-        self.stage, self.stage_start = stage, now
+            self.timings.append((self.stage, self.last - self.stage_start))
+            self.stage_start = self.last
+        self.stage = stage
         self.index = min(self.index + 1, len(self.plan) - 1)
 
     def update(self, p: Progress) -> Progress:
@@ -121,6 +123,7 @@ class Tracker:
             return p
         if p.stage != self.stage:
             self._enter(p.stage)
+        self.last = self.clock()
         before = sum(s.seconds for s in self.plan[:self.index])
         within = self.plan[self.index].seconds * (min(p.step, p.total) / max(p.total, 1))
         p.fraction = min((before + within) / self.total, 1.0)
@@ -135,5 +138,6 @@ class Tracker:
     def finish(self) -> None:
         """Close the stage under way (its time goes to ``timings``)."""
         if self.stage is not None:
-            self.timings.append((self.stage, self.clock() - self.stage_start))
+            self.last = self.clock()
+            self.timings.append((self.stage, self.last - self.stage_start))
             self.stage = None

@@ -29,15 +29,17 @@ def test_tracker_weights_stages_by_planned_time_and_ends_at_one():
     p = tr.update(Progress("a 5x5", 2, 10))  # a fifth of stage a: 0.2 s of 4 planned
     assert p.fraction == pytest.approx(0.05) and p.stage_index == 1 and p.stages == 2
     assert p.eta == pytest.approx(8.0 * 0.95)  # under a tenth done: the plan's time left
+    clock.t = 2.0
+    tr.update(Progress("a 5x5", 10, 10))  # stage a ends at its last report (2 s)...
     clock.t = 3.0
-    p = tr.update(Progress("b", 1, 2))  # a new stage label moves to the next planned stage
+    p = tr.update(Progress("b", 1, 2))  # ...and b's first step took the second after it  # a new stage label moves to the next planned stage
     assert p.fraction == pytest.approx(2.5 / 4) and p.stage_index == 2
     assert p.eta == pytest.approx(3.0 * (1 - 0.625) / 0.625)  # measured pace once past a tenth
     clock.t = 4.0
     done = tr.update(Progress("done", 1, 1))
     assert done.fraction == 1.0 and done.eta == 0.0
     assert [label for label, _ in tr.timings] == ["a 5x5", "b"]
-    assert [t for _, t in tr.timings] == pytest.approx([3.0, 1.0])
+    assert [t for _, t in tr.timings] == pytest.approx([2.0, 2.0])
     assert "100%" in str(done) and "[2/2]" in str(done)
 
 

@@ -134,6 +134,9 @@ class CARL(NetworkMethod):
     # an IO step on a brain takes 6-12 s on 2 CPU cores (50 steps: 5-10 min): the CPU runs the
     # network alone unless IO is asked for (docs/methods/carl.md)
     default_io_steps_cpu = 0
+    # per working voxel on 2 CPU threads (OASIS: 72x92x76; histology: 144x176)
+    network_seconds = {2: 3e-6, 3: 2.2e-6}
+    io_seconds = {2: 7e-6, 3: 2.5e-5}
     description = "CARL: coordinate attention + U-Net refinement, equivariant to translations (Greer et al.)"
     presets = {3: {"brain": BRAIN_SETTINGS}}  # measured on 3D brains only
     # IO rate (Adam): starts high, decays linearly; the network's first map undoes part of the affine
