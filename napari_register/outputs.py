@@ -139,7 +139,9 @@ def gzip_rle(path: Path, write_raw: Callable[[Path], Any]) -> None:
     barely compress by string matching: run-length + Huffman coding gives the same size as the
     writers' own gzip (within 1 %) for a third of the compression's CPU time (a brain's 53 MB field:
     the whole write 1.9 -> 0.9 s of CPU), and the decompressed bytes are the writer's own."""
-    fd, name = tempfile.mkstemp(prefix=".raw.", suffix=".nii", dir=path.parent)
+    # named after the output, so a leftover (or an error about it) says which file it was
+    stem = path.name.lstrip(".").split(".")[0]  # "jacobian" also from atomic_path's ".jacobian.x.nii.gz"
+    fd, name = tempfile.mkstemp(prefix=f".{stem}.raw.", suffix=".nii", dir=path.parent)
     os.close(fd)
     raw = Path(name)
     try:
