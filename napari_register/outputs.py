@@ -313,13 +313,8 @@ def register_to_folder(pair: PairFiles, out: Path, *, method: Any = "optimize", 
         metrics["tre_after"], metrics["tre_after_max"] = after["mean"], after["max"]
     from .image import PHOTO_EXT
     from .qa_figure import qa_title
-    from .transforms import MatrixTransform, warp_image
 
-    # the moving image as the user had it (identity in physical space), for the figure's "before" column;
-    # one already on the fixed grid needs no resampling (0.5 s for a brain). Geometry's == skips direction.
-    mg, fg = moving.geometry, fixed.geometry
-    same_grid = mg == fg and np.array_equal(mg.direction, fg.direction)
-    before = (moving if same_grid else warp_image(moving, MatrixTransform(np.eye(fixed.ndim + 1)), fg)).luminance()
+    before = on_fixed_grid(moving, fixed).luminance()  # the figure's "before" column
     title = qa_title(metrics, unit="px" if ext in PHOTO_EXT else "mm")  # photos: unit spacing, so pixels
     write("qa.png", lambda p: qa_figure(fixed.luminance(), result.warped.luminance(), result.field.disp_vox(),
                                         result.jacobian.array, p, title=title, spacing_xyz=fixed.geometry.spacing,

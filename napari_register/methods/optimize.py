@@ -96,15 +96,19 @@ class Optimize(Method):
     # dimensionality (OASIS and histology pairs)
     LEVEL_SECONDS = {2: 3.2e-7, 3: 8.2e-7}
 
-    def plan(self, shape: tuple[int, ...], io_steps: int, continuing: bool = False) -> list[Stage]:
-        schedule = list(zip(self.levels, self.iterations))
-        stages = []
+    def _schedule(self, io_steps: int, continuing: bool) -> list[tuple[int, int]]:
+        """``(level factor, iterations)`` of a run: a continued one refines at the finest level only."""
         if continuing:
-            schedule = [(self.levels[-1], max(io_steps, 1))]
-        else:
-            schedule[-1] = (schedule[-1][0], schedule[-1][1] + io_steps)
-            if self.affine_iterations:
-                stages.append(affine_stage(shape, self.affine_iterations, self.affine_size, "optimize affine"))
+            return [(self.levels[-1], max(io_steps, 1))]
+        schedule = list(zip(self.levels, self.iterations))
+        schedule[-1] = (schedule[-1][0], schedule[-1][1] + io_steps)
+        return schedule
+
+    def plan(self, shape: tuple[int, ...], io_steps: int, continuing: bool = False) -> list[Stage]:
+        schedule = self._schedule(io_steps, continuing)
+        stages = []
+        if self.affine_iterations and not continuing:
+            stages.append(affine_stage(shape, self.affine_iterations, self.affine_size, "optimize affine"))
         for li, (factor, iters) in enumerate(schedule):
             voxels = math.prod(self._level_shape(shape, factor))
             stages.append(Stage(f"optimize level {li + 1}/{len(schedule)}", iters, self.LEVEL_SECONDS[self.dim] * voxels * iters))
@@ -117,15 +121,12 @@ class Optimize(Method):
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
         shape = tuple(fixed.shape[2:])
         d = len(shape)
-        schedule = list(zip(self.levels, self.iterations))
+        schedule = self._schedule(io_steps, init is not None)
         # The transform the velocity field refines, applied after it: ``phi -> prior(phi)``.
         prior: Callable[[torch.Tensor], torch.Tensor] | None = None
         if init is not None:  # continue from a previous result: finest level, io_steps more iterations
-            schedule = [(self.levels[-1], max(io_steps, 1))]
             prior = lambda phi: compose(resize_map(init.map, tuple(phi.shape[2:])), phi)  # noqa: E731
         else:
-            if io_steps:
-                schedule[-1] = (schedule[-1][0], schedule[-1][1] + io_steps)
             if self.affine_iterations:
                 m = yield from iter_affine(moving, fixed, self.affine_similarity, self.affine_iterations,
                                            self.affine_size, stage="optimize affine")
