@@ -381,7 +381,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, peer), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         s: dict[str, Any] = {"task": task, "peer": peer, "cases": len(rs), "failed": len(rs) - len(ok)}
-        for k in ("dice", "tre", "mace", "seconds", "peak_mem_mb", "fold_fraction"):
+        for k in ("dice", "dice_small", "tre", "mace", "seconds", "peak_mem_mb", "fold_fraction"):
             vals = [r[k] for r in ok if k in r]
             if vals:
                 s[k] = float(np.nanmean(vals))

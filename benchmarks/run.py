@@ -66,6 +66,8 @@ OURS = {
     "carl_io_brain": ours("carl", io_steps=50, options=BRAIN_SETTINGS, label="ours: CARL + IO 50, brain settings"),
     "carl_io100_brain": ours("carl", io_steps=100, options=BRAIN_SETTINGS,
                              label="ours: CARL + IO 100, brain settings"),
+    "ran": ours("ran", label="ours: RAN (affine + network)"),
+    "ran_io": ours("ran", io_steps=50, label="ours: RAN + IO 50"),
 }
 QUICK_PEERS = ("identity", "sitk_demons", "elastix_bspline", "elastix_affine_bspline", "opencv_sift")
 
@@ -111,7 +113,7 @@ def run(tasks: list[str], quick: bool, only: Optional[list[str]] = None, skip: t
             return False
         if only:
             return name in only
-        return not quick or name in QUICK_PEERS or name in OURS and not name.startswith("carl_io")
+        return not quick or name in QUICK_PEERS or name in OURS and "_io" not in name
 
     for task in tasks:
         if task == "photos":

@@ -53,6 +53,8 @@ class Case:
     fixed_points: Optional[Path] = None
     dice_labels: tuple[tuple[int, int], ...] = ()
     landmark_channels: tuple[int, ...] = ()
+    # small structures scored on their own (``dice_small``): (channel, value) pairs, empty ones skipped
+    small_labels: tuple[tuple[int, int], ...] = ()
     shrink: int = 1
     tre_unit: str = "mm"
 
@@ -90,7 +92,7 @@ def prostate_cases() -> list[Case]:
                         moving=d / "images" / f"case{m:06d}.nii.gz", fixed=d / "images" / f"case{f:06d}.nii.gz",
                         moving_labels=d / "labels" / f"case{m:06d}.nii.gz",
                         fixed_labels=d / "labels" / f"case{f:06d}.nii.gz",
-                        dice_labels=((0, 1),), landmark_channels=(1, 2)))
+                        dice_labels=((0, 1),), landmark_channels=(1, 2), small_labels=((1, 1), (2, 1))))
     return out
 
 
@@ -227,7 +229,8 @@ def evaluate(pair: Pair, warped_labels: Optional[list[np.ndarray]] = None,
     ``warped_labels``: moving label maps resampled onto the fixed grid (arrays, array order), one
     per label channel. ``mapped_points``: the fixed landmarks mapped fixed -> moving, ``(N, d)``
     physical. Returns ``dice`` (mean over ``case.dice_labels``), ``dice_<ch>_<value>``, ``tre``
-    (mean, in ``case.tre_unit``) and ``n_points``; a missing quantity is absent.
+    (mean, in ``case.tre_unit``), ``n_points`` and ``dice_small`` (mean Dice of the
+    ``case.small_labels`` present in both images); a missing quantity is absent.
     """
     out: dict[str, float] = {}
     if warped_labels is not None and pair.case.dice_labels:
@@ -238,6 +241,15 @@ def evaluate(pair: Pair, warped_labels: Optional[list[np.ndarray]] = None,
             out[f"dice_{ch}_{value}"] = d
             vals.append(d)
         out["dice"] = float(np.nanmean(vals))
+    small = []
+    for ch, value in pair.case.small_labels if warped_labels is not None else ():
+        if ch < len(pair.fixed_labels) and ch < len(pair.moving_labels):
+            fixed = sitk.GetArrayViewFromImage(pair.fixed_labels[ch]) == value
+            moving = sitk.GetArrayViewFromImage(pair.moving_labels[ch]) == value
+            if fixed.any() and moving.any():  # some cases lack a landmark region
+                small.append(metrics.dice(warped_labels[ch], fixed.astype(np.uint8), labels=[1])[1])
+    if small:
+        out["dice_small"] = float(np.mean(small))
     if mapped_points is not None and pair.moving_points is not None and len(pair.moving_points):
         scale = [float(pair.case.shrink)] * pair.moving_points.shape[1]  # back to original pixels
         out["tre"] = metrics.tre(np.asarray(mapped_points), pair.moving_points, scale)["mean"]

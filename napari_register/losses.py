@@ -297,6 +297,25 @@ def bending(disp: torch.Tensor, spacing: Optional[Sequence[float]] = None) -> to
     return _DiffEnergy.apply(disp, terms, comp.square())
 
 
+def edge_aware_smoothness(disp_vox: torch.Tensor, image: torch.Tensor, edge: float = 1.0) -> torch.Tensor:
+    """RAN's edge-aware smoothness (Zheng et al., Eq. 13): ``mean |grad u|^2 exp(-edge |grad I|^2)``.
+
+    ``disp_vox`` ``(B, d, *S)`` in voxels (so its gradient is unitless), ``image`` ``(B, 1, *S)``
+    (the fixed image, in [0, 1]); forward differences, the weight per axis from the image's
+    difference along that axis. Averaged over components and axes (as :func:`diffusion`); with
+    ``edge = 0`` it is the plain diffusion of a voxel displacement. 0 for any translation."""
+    d = disp_vox.shape[1]
+    if image.shape[0] != disp_vox.shape[0] or image.shape[2:] != disp_vox.shape[2:]:
+        raise ValueError(f"edge_aware_smoothness: displacement {tuple(disp_vox.shape)} and image "
+                         f"{tuple(image.shape)} must share batch and grid")
+    total = disp_vox.new_zeros(())
+    for axis in range(2, 2 + d):
+        du = disp_vox.diff(dim=axis)
+        weight = torch.exp(-edge * image.diff(dim=axis).square().sum(1, keepdim=True))
+        total = total + (du.square() * weight).mean()
+    return total / d ** 2
+
+
 def gradicon(phi_ab: torch.Tensor, phi_ba: torch.Tensor) -> torch.Tensor:
     """GradICON inverse-consistency loss (Tian et al., CVPR 2023) of two norm-frame maps.
 

@@ -392,6 +392,38 @@ def test_carl_offered_for_2d_and_3d_and_instance_optimisation_updates_live(histo
     assert reg.checkpoint.value == mine
 
 
+def test_ran_offered_for_2d_and_3d_with_its_checkpoints_and_runs_in_the_viewer(histology, brain_layers, qtbot):
+    from napari_register import weights
+
+    for dim in (2, 3):
+        if not (weights.CHECKPOINT_DIR / f"ran-{dim}d.pt").exists():
+            pytest.skip(f"ran-{dim}d.pt not shipped")
+    viewer, reg, _ = histology
+    assert "ran" in reg.method.choices
+    reg.method.value = "ran"
+    shipped_2d = str(weights.CHECKPOINT_DIR / "ran-2d.pt")
+    assert reg.checkpoint.value == shipped_2d and reg.io_steps.value == 0
+    reg.method_options = {"affine_iterations": 0}
+    run_widget(qtbot, reg)
+    (first,) = reg.session.runs
+    assert first.layers["warped"].name == "ran #1 warped" and first.result.checkpoint == "ran-2d"
+    for role in ("warped", "grid", "jacobian"):
+        assert_placed_like(first.layers[role], viewer.layers["fixed"])
+    assert not np.array_equal(first.layers["warped"].data, viewer.layers["moving"].data)
+    reg.io_steps.value = 2
+    run_widget(qtbot, reg, continue_run=True)
+    assert reg.session.runs[1].result.io_steps == 2 and reg.session.runs[1].result.method == "ran"
+
+    # a 3D pair gets RAN with its 3D checkpoint
+    reg.moving.value, reg.fixed.value = viewer.layers["brain_moving"], viewer.layers["brain_fixed"]
+    assert "ran" in reg.method.choices
+    reg.method.value = "ran"
+    assert reg.checkpoint.value == str(weights.CHECKPOINT_DIR / "ran-3d.pt")
+    run_widget(qtbot, reg)
+    third = reg.session.runs[-1]
+    assert third.result.checkpoint == "ran-3d" and third.result.warped.ndim == 3
+
+
 def test_cancel_leaves_no_half_made_layers(brain, qtbot):
     viewer, reg, _ = brain
     reg.method_options = {"levels": [2], "iterations": [5000]}  # would run for minutes

@@ -14,7 +14,7 @@ import torch
 
 from .. import coords
 from . import HOLDOUT
-from .synthmorph import corrupt, random_map, synthetic_image
+from .synthmorph import corrupt, random_map, random_rigid_map, synthetic_image
 from .volumes import RealVolumes
 
 
@@ -38,6 +38,22 @@ class PairSource:
                 "real_shift": self.real_shift,
                 "excluded": {"prostate_cases": sorted(HOLDOUT.prostate_cases), "files": sorted(HOLDOUT.files)}}
 
+    def supervised(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(moving, fixed, truth)``: one image (real or synthetic, as :meth:`one` draws) and a copy
+        of it through a known rigid + smooth map (:func:`random_rigid_map`), each corrupted on its
+        own; ``truth`` ``(1, d, *shape)`` is moving_norm_from_fixed_norm."""
+        g = self.gen
+        if float(torch.rand(1, generator=g)) < self.real_fraction:
+            group = list(self.real.groups)[int(torch.randint(len(self.real.groups), (1,), generator=g))]
+            vols = self.real.groups[group]
+            i = int(torch.randint(len(vols), (1,), generator=g))
+            axis = None if self.dim == 3 else int(torch.randint(3, (1,), generator=g))
+            base = self.real.sample(*vols[i], group, self.shape, g, axis, self.real_shift)
+        else:
+            base = synthetic_image(self.shape, g)
+        truth = random_rigid_map(self.shape, g)
+        return corrupt(base, g), corrupt(coords.sample(base, truth, padding_mode="zeros"), g), truth
+
     def one(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.gen
         if float(torch.rand(1, generator=g)) < self.real_fraction:
@@ -57,3 +73,11 @@ class PairSource:
         while True:
             pairs = [self.one() for _ in range(self.batch)]
             yield {"moving": torch.cat([p[0] for p in pairs]), "fixed": torch.cat([p[1] for p in pairs])}
+
+    def supervised_batches(self, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+        """``steps`` batches of :meth:`supervised` pairs (``"truth"`` added), then unsupervised ones:
+        a recipe that pre-trains on known fields for ``steps`` steps, then on pairs alone."""
+        for _ in range(steps):
+            trip = [self.supervised() for _ in range(self.batch)]
+            yield {k: torch.cat([t[i] for t in trip]) for i, k in enumerate(("moving", "fixed", "truth"))}
+        yield from self

@@ -58,3 +58,30 @@ def corrupt(img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     out = (img * bias).clamp(min=0) ** gamma
     out = out + 0.02 * torch.rand(1, generator=gen) * torch.randn(out.shape, generator=gen) * (img > 0)
     return out.clamp(min=0) / out.amax().clamp(min=1e-6)
+
+
+def random_rigid_map(shape: tuple[int, ...], gen: torch.Generator, max_angle: float = 10.0, max_shift: float = 0.08,
+                     max_scale: float = 0.08, max_disp: float = 3.0) -> torch.Tensor:
+    """Map ``(1, d, *shape)`` in the norm frame: a rotation about the centre (up to ``max_angle``
+    degrees about each axis, in voxel space so it stays a rotation on anisotropic grids), an
+    isotropic scale within ``1 +- max_scale``, a translation up to ``max_shift`` of each axis and a
+    smooth random deformation up to ~``max_disp`` voxels: RAN's synthetic pre-training fields."""
+    d = len(shape)
+    n = torch.tensor([max(s - 1, 1) for s in shape], dtype=torch.float32).view(1, d, *[1] * d)
+    vox = coords.identity_map(shape) * n
+    centre = n / 2
+    angles = (torch.rand(3 if d == 3 else 1, generator=gen) * 2 - 1) * max_angle * torch.pi / 180
+    rot = torch.eye(d)
+    planes = [(0, 1)] if d == 2 else [(1, 2), (0, 2), (0, 1)]
+    for a, (i, j) in zip(angles, planes):
+        r = torch.eye(d)
+        r[i, i] = r[j, j] = torch.cos(a)
+        r[i, j], r[j, i] = -torch.sin(a), torch.sin(a)
+        rot = r @ rot
+    scale = 1 + (float(torch.rand(1, generator=gen)) * 2 - 1) * max_scale
+    shift = (torch.rand(d, generator=gen) * 2 - 1).view(1, d, *[1] * d) * max_shift * n
+    moved = torch.einsum("ij,bj...->bi...", rot * scale, vox - centre) + centre + shift
+    coarse = int(torch.randint(3, 7, (1,), generator=gen))
+    amp = max_disp * float(torch.rand(1, generator=gen))
+    moved = moved + amp * smooth_noise(shape, d, coarse, gen)
+    return moved / n

@@ -19,6 +19,16 @@ from ..instance_opt import affine_stage, finetune_copy, iter_affine, iter_optimi
 from ..progress import Progress, Stage
 from .registry import Method, MethodOutput
 
+def isotropic_working_shape(shape: tuple[int, ...], spacing_xyz: tuple[float, ...], voxels: int,
+                            multiple: int) -> tuple[int, ...]:
+    """An isotropic grid over the image's physical extent with about ``voxels`` voxels, sizes
+    divisible by ``multiple`` (at least ``2 * multiple``), never finer than the image (rounded)."""
+    spacing = [float(s) for s in spacing_xyz][::-1]  # array order
+    extent = [n * s for n, s in zip(shape, spacing)]
+    step = (math.prod(extent) / voxels) ** (1 / len(shape))
+    return tuple(max(multiple * round(min(e / step, n) / multiple), 2 * multiple) for n, e in zip(shape, extent))
+
+
 IOObjective = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 """``() -> (loss, map)``: one evaluation of the instance-optimisation loss and the current map
 (network frame: before the affine stage), which previews show."""

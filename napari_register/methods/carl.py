@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .. import coords, weights
-from .base import IOObjective, NetworkMethod
+from .base import IOObjective, NetworkMethod, isotropic_working_shape
 from .blocks import ConvEncoder, CoordAttention, DisplacementNet, Down, Symmetrised, TwoStep
 from .registry import register_method
 
@@ -106,15 +106,7 @@ def working_shape_for(dim: int, shape: tuple[int, ...], spacing_xyz: tuple[float
                       tokens: int | None = None) -> tuple[int, ...]:
     """Isotropic grid over the image's physical extent with about ``tokens`` (default ``XI_TOKENS``)
     tokens at Xi's quarter resolution, sizes divisible by 4, never finer than the image (rounded up to 4)."""
-    spacing = [float(s) for s in spacing_xyz][::-1]  # array order
-    extent = [n * s for n, s in zip(shape, spacing)]
-    voxels = (XI_TOKENS[dim] if tokens is None else tokens) * 4 ** dim
-    step = (math.prod(extent) / voxels) ** (1 / dim)
-    out = []
-    for n, e in zip(shape, extent):
-        size = min(e / step, n)
-        out.append(max(4 * round(size / 4), 8))
-    return tuple(out)
+    return isotropic_working_shape(shape, spacing_xyz, (XI_TOKENS[dim] if tokens is None else tokens) * 4 ** dim, 4)
 
 
 def io_shape_for(dim: int, shape: tuple[int, ...]) -> tuple[int, ...]:

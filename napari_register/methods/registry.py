@@ -105,7 +105,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 
 # The method modules, in one place: importing one registers its methods.
-BUILTIN = ("optimize", "carl", "art", "alto")
+BUILTIN = ("optimize", "carl", "ran", "art", "alto")
 
 
 def _load_builtin() -> None:

@@ -22,6 +22,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", type=int, nargs="+", help="training grid (array order); recipe default if unset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints/state saves")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep a copy of the checkpoint (and card) every this many steps as "
+                        "<run-dir>/step<N>.pt, for learning curves (0: none)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--init", help="start from the weights of this checkpoint (fresh optimisers)")

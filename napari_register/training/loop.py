@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -213,6 +214,12 @@ def train(args: argparse.Namespace, module: Any = None) -> Path:
             log.flush()
         if step % args.save_every == 0 or step == args.steps:
             save()
+        keep = getattr(args, "keep_every", 0)
+        if rank == 0 and keep and step % keep == 0:
+            if step % args.save_every:
+                save()
+            for src in (out, out.with_suffix(".json")):
+                shutil.copyfile(src, run_dir / f"step{step}{src.suffix}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-RECIPES = ("carl", "art", "alto")
+RECIPES = ("carl", "ran", "art", "alto")
 
 
 def get_recipe(method: str) -> ModuleType:
