@@ -61,6 +61,28 @@ def test_unregistered_scores(task, metric, expected):
     assert np.mean(vals) == pytest.approx(expected, abs=0.002 if metric == "dice" else 0.5)
 
 
+@needs_data
+def test_small_structure_dice_scores_the_landmark_regions_and_validation_pairs_are_not_benchmark_pairs():
+    """Warping a label set onto itself scores 1; the identity between subjects scores the small
+    landmark regions far below the gland (they are the hard, small structures)."""
+    import SimpleITK as sitk
+
+    from benchmarks import peers
+    from benchmarks.tasks import evaluate, load
+
+    pair = load(cases("prostate")[0])
+    own = [sitk.GetArrayFromImage(lab) for lab in pair.fixed_labels]
+    assert evaluate(pair, own)["dice_small"] == pytest.approx(1.0)
+    rows = [peers.run_peer("identity", c) for c in cases("prostate")]
+    small, gland = np.mean([r["dice_small"] for r in rows]), np.mean([r["dice"] for r in rows])
+    assert 0 <= small < gland
+    val = {c.name.split("_", 2)[-1] for c in cases("prostate_val")}
+    bench = {c.name.split("_", 1)[-1] for c in cases("prostate")}
+    assert val and not val & bench
+    numbers = {int(n) for name in val for n in name.split("_to_")}
+    assert not numbers & {n for pair in PROSTATE_PAIRS for n in pair}
+
+
 def test_photo_cases_have_the_true_homography():
     """moving(H x) == fixed(x) inside the patch, and identity scores the true corner offsets."""
     pytest.importorskip("skimage", reason="the photo task reads scikit-image's bundled photos")

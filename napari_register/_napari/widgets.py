@@ -301,6 +301,10 @@ class RegisterWidget(Container):
                           io_steps=steps or 50)
         labels = self.moving_labels.value
         points = self.moving_points.value
+        for what, layer in (("labels", labels), ("points", points)):
+            if layer is not None and layer.ndim != fixed.ndim:
+                raise ValueError(f"the moving {what} layer {layer.name!r} is {layer.ndim}D but the images are "
+                                 f"{fixed.ndim}D; pick the moving image's {what} or none")
         return dict(moving=image_from_layer(self.moving.value), fixed=fixed, cancelled=lambda: self._cancel,
                     threads=torch.get_num_threads(),  # the process's, as the CLI and scripts get
                     labels=None if labels is None else image_from_layer(labels),
