@@ -156,6 +156,13 @@ def _physical_transform(out: MethodOutput, fixed: Geometry, init: MatrixTransfor
     d = fixed.ndim
     phi = resize_map(out.map.detach().float().cpu(), fixed.shape)[0]  # (d, *shape) norm, fixed grid
     ident = identity_map(fixed.shape)[0]
+    if not init.is_affine:  # a homography pre-alignment (2D): the perspective divide, in float64
+        pts = np.moveaxis(phi.double().numpy(), 0, -1).reshape(-1, d)
+        grid = np.moveaxis(ident.double().numpy(), 0, -1).reshape(-1, d)
+        p_m = fixed.phys_from_norm()
+        moved = apply_h(init.matrix @ p_m, pts) - apply_h(p_m, grid)
+        dense = DisplacementField(fixed, moved.reshape(*fixed.shape, d).astype(np.float32))
+        return dense, dense
     # disp(x) = A phi(x) - P x with P = phys_from_norm (fixed), A = init o P; written as
     # A_lin (phi - x) + (A - P) x so float32 never subtracts two large physical coordinates.
     p_m = fixed.phys_from_norm()
@@ -173,7 +180,7 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
                   checkpoint: str | Path | None = None, io_steps: int | None = None,
                   device: str | torch.device = "auto", cancel: Callable[[], bool] | None = None,
                   previews: bool = False, init: RegistrationResult | None = None,
-                  options: dict[str, Any] | None = None,
+                  options: dict[str, Any] | None = None, prealign: MatrixTransform | None = None,
                   ) -> Generator[Progress, None, RegistrationResult]:
     """Register ``moving`` onto ``fixed``; yields :class:`Progress`, returns a :class:`RegistrationResult`.
 
@@ -187,7 +194,9 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     within a small share of the run's time (:mod:`napari_register.previews`). ``init``: a previous
     result on the same pair to continue from (instance optimisation of the current result). ``method``: a registered name,
     or a method instance to reuse (its network stays loaded across pairs; ``checkpoint`` and
-    ``options`` then belong to it and must be left out).
+    ``options`` then belong to it and must be left out). ``prealign``: a moving_from_fixed matrix
+    (affine, or a 2D homography, e.g. :func:`homography_first`'s) the moving image is resampled
+    through before the method runs, in place of the centre alignment; the result includes it.
 
     Bad input raises :class:`InputError` (file, option, checkpoint, too little memory) before any heavy
     work. Before allocating, the run's memory is estimated against the device's free memory: when it
@@ -214,7 +223,9 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     steps = cls.io_steps_default(dev) if io_steps is None else int(io_steps)
     if steps < 0:
         raise InputError(f"io_steps must be >= 0, got {steps}")
-    init_tx = centre_alignment(mov.geometry, fix.geometry)
+    if prealign is not None and (not isinstance(prealign, MatrixTransform) or prealign.ndim != fix.ndim):
+        raise InputError(f"prealign must be a {fix.ndim}D MatrixTransform (moving_from_fixed), got {prealign!r}")
+    init_tx = centre_alignment(mov.geometry, fix.geometry) if prealign is None else prealign
     shape = tuple(algo.working_shape(fix.shape, fix.geometry.spacing))
     init_out = None
     if init is not None:
@@ -320,6 +331,16 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
             yield tracker.update(progress)
     finally:
         gen.close()
+
+
+def homography_first(result: RegistrationResult) -> MatrixTransform:
+    """The matrix of a homography or affine method's result (``result.transform``), to pass as
+    ``prealign`` to a deformable run: "homography first, then deformable"."""
+    matrix = result.transform.as_matrix()
+    if matrix is None:
+        raise InputError(f"{result.method!r} gave a dense field, not a matrix; a pre-alignment needs a "
+                         "homography or affine method, e.g. alto")
+    return MatrixTransform(matrix)
 
 
 def register(moving: Image | str | Path, fixed: Image | str | Path, method: str = "optimize",

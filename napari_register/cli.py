@@ -157,7 +157,7 @@ def run_register(args: argparse.Namespace) -> dict:
     try:
         metrics = register_to_folder(pair, Path(args.out), method=args.method, checkpoint=args.checkpoint,
                                      io_steps=args.io_steps, device=args.device, options=options, progress=show,
-                                     stopwatch=watch)
+                                     stopwatch=watch, prealign=getattr(args, "prealign", None))
     finally:
         show.close()
     if not args.quiet:
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--moving-points", help="CSV with header X,Y[,Z] (physical; pixels for photos)")
     r.add_argument("--fixed-points", help="CSV of the corresponding fixed points; with --moving-points gives TRE")
     r.add_argument("--options", help='method options as JSON, e.g. \'{"similarity": "mind"}\'')
+    r.add_argument("--prealign", metavar="MATRIX.txt",
+                   help="homography first, then --method: a moving_phys_from_fixed_phys matrix (e.g. the "
+                        "homography.txt of an alto run) the moving image goes through before the method")
     d = command("demo", help="register the shipped sample brain pair into --out",
                 description="Register the shipped sample brain pair (with its labels: Dice) into --out, "
                 "with the outputs of `register`.")

@@ -227,12 +227,14 @@ class Writes:
 def register_to_folder(pair: PairFiles, out: Path, *, method: Any = "optimize", checkpoint: Optional[str] = None,
                        io_steps: Optional[int] = None, device: str = "auto", options: Optional[dict] = None,
                        progress: Optional[Callable[[Any], None]] = None,
-                       stopwatch: Optional["Stopwatch"] = None) -> dict[str, Any]:
+                       stopwatch: Optional["Stopwatch"] = None, prealign: Optional[str] = None) -> dict[str, Any]:
     """Register ``pair`` and write its outputs into ``out``; returns the metrics (also in
     ``metrics.json``). ``method``: a name, a method instance to reuse (a loaded network), or a
     function ``dim -> method instance`` (the images' dimensionality is known once they are read).
     ``stopwatch``: one started earlier (by the command line, with its start-up), so that the
-    ``timings`` of the metrics cover the whole command."""
+    ``timings`` of the metrics cover the whole command. ``prealign``: a matrix file (e.g. a
+    homography run's ``homography.txt``) the moving image goes through first ("homography first,
+    then deformable")."""
     watch = stopwatch or Stopwatch()
     import numpy as np
 
@@ -244,7 +246,7 @@ def register_to_folder(pair: PairFiles, out: Path, *, method: Any = "optimize", 
 
     watch.lap("imports")
     out = Path(out)
-    inputs = pair.inputs()
+    inputs = (*pair.inputs(), *([str(Path(prealign).resolve())] if prealign else []))
     clash = [p for p in inputs if p == str(out.resolve()) or (Path(p).parent == out.resolve()
                                                              and Path(p).name.startswith(OUTPUT_PREFIXES))]
     if clash:
@@ -261,12 +263,17 @@ def register_to_folder(pair: PairFiles, out: Path, *, method: Any = "optimize", 
             raise InputError(f"--moving-points {pair.moving_points} has {len(mp)} points but --fixed-points "
                              f"{pair.fixed_points} has {len(fp)}; they must list corresponding points in the "
                              "same order")
+    pre = None
+    if prealign is not None:
+        from .transforms import MatrixTransform
+
+        pre = MatrixTransform.load_txt(prealign, fixed.ndim)
     watch.lap("read inputs")
     _prepare_folder(out)
     if callable(method):
         method = method(fixed.ndim)
     result = register(moving, fixed, method=method, checkpoint=checkpoint, io_steps=io_steps, device=device,
-                      progress=progress, options=options)
+                      progress=progress, options=options, prealign=pre)
     watch.lap("registration")
     # before the first stage: the method (a network's checkpoint), the memory plan, the estimate
     watch.add("registration: set-up", watch.parts["registration"] - sum(s for _, s in result.timings))
@@ -294,6 +301,8 @@ def register_to_folder(pair: PairFiles, out: Path, *, method: Any = "optimize", 
         "device": result.device, "seconds": round(result.seconds, 3), "fold_fraction": result.fold_fraction,
         **pair.resolved(),
     }
+    if prealign is not None:
+        metrics["prealign"] = str(Path(prealign).resolve())
     if result.notes:
         metrics["notes"] = list(result.notes)
     if mlab is not None:

@@ -78,6 +78,25 @@ class MatrixTransform(Transform):
     def inverse(self) -> "MatrixTransform":
         return MatrixTransform(np.linalg.inv(self.matrix))
 
+    @classmethod
+    def load_txt(cls, path: str | os.PathLike, dim: int) -> "MatrixTransform":
+        """A ``(dim+1) x (dim+1)`` moving_phys_from_fixed_phys matrix from text (as :meth:`save_txt`
+        writes it, e.g. a run's ``homography.txt``); a clear error for any other content."""
+        from .errors import InputError, MissingFileError
+
+        p = Path(path)
+        if not p.is_file():
+            raise MissingFileError(f"{p}: no such matrix file; give a run's homography.txt or a text file of "
+                                   f"a {dim + 1}x{dim + 1} matrix")
+        try:
+            m = np.loadtxt(p, comments="#", ndmin=2)
+        except ValueError as e:
+            raise InputError(f"{p}: not a matrix of numbers ({e}); write {dim + 1} rows of {dim + 1} numbers") from None
+        if m.shape != (dim + 1, dim + 1) or not np.isfinite(m).all() or abs(np.linalg.det(m)) < 1e-12:
+            raise InputError(f"{p}: expected an invertible {dim + 1}x{dim + 1} matrix for {dim}D images, got "
+                             f"shape {m.shape}; write moving_phys_from_fixed_phys, homogeneous")
+        return cls(m)
+
     def save_txt(self, path: str | os.PathLike) -> Path:
         """3x3 (or 4x4) matrix as text, moving_phys_from_fixed_phys."""
         np.savetxt(path, self.matrix, header="moving_phys_from_fixed_phys (homogeneous, ITK LPS physical units)")
