@@ -6,8 +6,8 @@ stains (landmark TRE), with folds, CPU seconds per pair and parameter counts.
         --ran ran=ran-3d --ran "ran + IO 50=ran-3d@50" --ran m1=runs/ran/ran-3d-m1.pt \\
         --methods identity ants_syn elastix_bspline sitk_demons optimize carl
 
-``--ran LABEL=CHECKPOINT[@IO]``: a shipped name (``ran-3d``) or a file; ``@IO`` adds instance
-optimisation steps. A 3D checkpoint runs on the 3D tasks, a 2D one on histology (``ran-2d``
+``--ran LABEL=CHECKPOINT[@IO[@OPTIONS_JSON]]``: a shipped name (``ran-3d``) or a file; ``@IO`` adds
+instance optimisation steps, ``@{"io_lr": 1e-4}`` method options. A 3D checkpoint runs on the 3D tasks, a 2D one on histology (``ran-2d``
 names its dimension; a file's card says it). Writes ``results.md`` (tables per task, the ablation
 table) and ``ablation.png`` into a new run folder.
 """
@@ -43,17 +43,19 @@ def _parameters(checkpoint: str) -> int:
 
 
 def add_ran(spec: str) -> tuple[str, dict[str, Any]]:
-    """Register ``LABEL=CHECKPOINT[@IO]`` as a harness runner; returns its name and facts."""
+    """Register ``LABEL=CHECKPOINT[@IO[@OPTIONS_JSON]]`` as a harness runner; returns its name and facts."""
     label, sep, rest = spec.partition("=")
     if not sep or not label or not rest:
-        raise SystemExit(f"--ran wants LABEL=CHECKPOINT[@IO], got {spec!r}")
+        raise SystemExit(f"--ran wants LABEL=CHECKPOINT[@IO[@OPTIONS_JSON]], got {spec!r}")
     checkpoint, _, io = rest.partition("@")
+    io, _, opts = io.partition("@")
+    options = json.loads(opts) if opts else None
     card = _card(checkpoint)
     dim = int(card["dim"])
     name = f"ran:{label}"
     peers.RUNNERS[name] = ours("ran", io_steps=int(io or 0), label=f"ours: RAN {label}", dims=(dim,),
-                               checkpoint=checkpoint)
-    return name, {"label": label, "checkpoint": checkpoint, "io_steps": int(io or 0), "dim": dim,
+                               checkpoint=checkpoint, options=options)
+    return name, {"label": label, "checkpoint": checkpoint, "io_steps": int(io or 0), "options": options, "dim": dim,
                   "config": card.get("config", {}), "steps": card.get("steps"), "parameters": _parameters(checkpoint)}
 
 
@@ -112,6 +114,26 @@ def plot(summary: list[dict[str, Any]], facts: dict[str, dict[str, Any]], out: P
     return path
 
 
+def curves(logs: dict[str, str], window: int = 100) -> str:
+    """Mean LNCC term per ``window`` steps of each run's ``log.jsonl``, side by side: runs with one
+    seed see the same batches, so the columns compare the networks step for step."""
+    import numpy as np
+
+    series = {}
+    for label, path in logs.items():
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        series[label] = {r["step"]: r["sim"] for r in rows if "sim" in r}
+    last = min(max(s) for s in series.values())
+    first = min(min(s) for s in series.values())
+    lines = ["| steps | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
+    for start in range(first - first % window + 1, last + 1, window):
+        span = range(start, min(start + window, last + 1))
+        cells = [format(np.mean([s[k] for k in span if k in s]), ".4f") if any(k in s for k in span) else "-"
+                 for s in series.values()]
+        lines.append(f"| {span[0]}-{span[-1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from benchmarks import run as suite
 
@@ -121,6 +143,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--methods", nargs="*", default=["identity", "ants_syn", "elastix_bspline", "sitk_demons",
                                                      "optimize", "carl"],
                     help="peers and our other methods to run beside RAN")
+    ap.add_argument("--skip", nargs="*", default=[], help="TASK:LABEL pairs to leave out, e.g. 'oasis:ran + IO 50'")
+    ap.add_argument("--logs", nargs="*", default=[],
+                    help="LABEL=RUN_DIR/log.jsonl: training curves to tabulate side by side (same seed, same batches)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     record = provenance("ran_eval", argv)
@@ -128,12 +153,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     peers.RUNNERS.update({k: v for k, v in OURS.items() if k in args.methods})
     names = [m for m in args.methods if m in peers.RUNNERS] + list(facts)
     out = args.out or new_run_dir("ran-eval")
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for task in args.tasks:
         for case in cases(task):
             pair = load(case)
             for name in names:
-                if not peers.RUNNERS[name].applies(case):
+                label = facts[name]["label"] if name in facts else name
+                if not peers.RUNNERS[name].applies(case) or f"{task}:{label}" in args.skip:
                     continue
                 r = peers.run_peer(name, pair)
                 r.pop("transform", None)
@@ -146,6 +173,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     summary = peers.summarise(rows)
     parts = [f"## {task}\n\n{table(summary, task)}\n" for task in args.tasks]
     parts.append("## Ablation (3D networks alone, same seed)\n\n" + ablation(summary, facts) + "\n")
+    if args.logs:
+        parts.append("## Training curves (unsupervised loss on the training batches, mean per window)\n\n"
+                     + curves(dict(spec.split("=", 1) for spec in args.logs)) + "\n")
     figure = plot(summary, facts, out)
     if figure is not None:
         parts.append(f"![ablation]({figure.name})\n")
