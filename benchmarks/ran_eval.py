@@ -54,6 +54,7 @@ def add_ran(spec: str) -> tuple[str, dict[str, Any]]:
     dim = int(card["dim"])
     name = f"ran:{label}"
     peers.RUNNERS[name] = ours("ran", io_steps=int(io or 0), label=f"ours: RAN {label}", dims=(dim,),
+                               modalities=("mono", "multi"),
                                checkpoint=checkpoint, options=options)
     return name, {"label": label, "checkpoint": checkpoint, "io_steps": int(io or 0), "options": options, "dim": dim,
                   "config": card.get("config", {}), "steps": card.get("steps"), "parameters": _parameters(checkpoint)}

@@ -414,12 +414,13 @@ def test_ran_offered_for_2d_and_3d_with_its_checkpoints_and_runs_in_the_viewer(h
     run_widget(qtbot, reg, continue_run=True)
     assert reg.session.runs[1].result.io_steps == 2 and reg.session.runs[1].result.method == "ran"
 
-    # a 3D pair gets RAN with its 3D checkpoint; the 2D landmarks picked before are refused, clearly
-    reg.moving.value, reg.fixed.value = viewer.layers["brain_moving"], viewer.layers["brain_fixed"]
+    # a 3D pair gets RAN with its 3D checkpoint; the 2D landmarks picked before are no longer offered
     reg.moving_points.value = viewer.layers["moving_points"]
-    with pytest.raises(ValueError, match="moving points layer 'moving_points' is 2D but the images are 3D"):
-        reg._job_arguments(None)
-    reg.moving_points.value = None
+    reg.moving.value, reg.fixed.value = viewer.layers["brain_moving"], viewer.layers["brain_fixed"]
+    assert reg.moving_points.value is None and viewer.layers["moving_points"] not in reg.moving_points.choices
+    reg.fixed.value = viewer.layers["fixed"]  # back to the 2D pair: offered again
+    assert viewer.layers["moving_points"] in reg.moving_points.choices
+    reg.fixed.value = viewer.layers["brain_fixed"]
     assert "ran" in reg.method.choices
     reg.method.value = "ran"
     assert reg.checkpoint.value == str(weights.CHECKPOINT_DIR / "ran-3d.pt")

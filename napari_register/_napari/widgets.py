@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import napari
 import numpy as np
@@ -47,11 +47,15 @@ def shipped_checkpoints(method: str, dim: int) -> list[tuple[str, str]]:
     return out
 
 
-def layer_choices(viewer: Any, kind: type, exclude_role: Optional[str] = None):
-    """magicgui ``choices`` callable: the viewer's layers of one type, as (name, layer)."""
+def layer_choices(viewer: Any, kind: type, exclude_role: Optional[str] = None,
+                  ndim: Optional[Callable[[], Optional[int]]] = None):
+    """magicgui ``choices`` callable: the viewer's layers of one type, as (name, layer); with ``ndim``,
+    only those of the pair's dimension (a 2D points layer is no choice for a 3D pair)."""
     def choices(_widget: Any = None) -> list[tuple[str, Any]]:
+        want = ndim() if ndim is not None else None
         return [(layer.name, layer) for layer in viewer.layers if type(layer) is kind
-                and (exclude_role is None or layer.metadata.get(META_KEY, {}).get("role") != exclude_role)]
+                and (exclude_role is None or layer.metadata.get(META_KEY, {}).get("role") != exclude_role)
+                and (want is None or layer.ndim == want)]
     return choices
 
 
@@ -74,8 +78,10 @@ class RegisterWidget(Container):
         self._estimate = ""
         self.moving = ComboBox(label="moving", choices=layer_choices(viewer, ImageLayer, "warped"))
         self.fixed = ComboBox(label="fixed", choices=layer_choices(viewer, ImageLayer, "warped"))
-        self.moving_labels = ComboBox(label="moving labels", choices=layer_choices(viewer, Labels), nullable=True)
-        self.moving_points = ComboBox(label="moving points", choices=layer_choices(viewer, Points), nullable=True)
+        self.moving_labels = ComboBox(label="moving labels", choices=layer_choices(viewer, Labels, ndim=lambda: self.dim),
+                                     nullable=True)
+        self.moving_points = ComboBox(label="moving points", choices=layer_choices(viewer, Points, ndim=lambda: self.dim),
+                                     nullable=True)
         self.method = ComboBox(label="method", choices=self._method_choices)
         self.checkpoint = ComboBox(label="checkpoint", choices=self._checkpoint_choices)
         self.settings = ComboBox(label="settings", choices=self._settings_choices,
@@ -165,6 +171,8 @@ class RegisterWidget(Container):
             item.setToolTip("no CUDA GPU found")
 
     def _on_layers_changed(self, *_: Any) -> None:
+        for combo in (self.moving_labels, self.moving_points):  # offer only those of the pair's dimension
+            combo.reset_choices()
         self.method.reset_choices()
         self._on_method_changed()
         self._check()
@@ -301,10 +309,6 @@ class RegisterWidget(Container):
                           io_steps=steps or 50)
         labels = self.moving_labels.value
         points = self.moving_points.value
-        for what, layer in (("labels", labels), ("points", points)):
-            if layer is not None and layer.ndim != fixed.ndim:
-                raise ValueError(f"the moving {what} layer {layer.name!r} is {layer.ndim}D but the images are "
-                                 f"{fixed.ndim}D; pick the moving image's {what} or none")
         return dict(moving=image_from_layer(self.moving.value), fixed=fixed, cancelled=lambda: self._cancel,
                     threads=torch.get_num_threads(),  # the process's, as the CLI and scripts get
                     labels=None if labels is None else image_from_layer(labels),
