@@ -19,6 +19,7 @@ COMMANDS = {
     "photo_eval": ("photo_eval", "homography on held-out photos: MACE, acceptable rate, AUC; ART steps and ablation"),
     "batch": ("batch", "cohort throughput: 1 and 2 Dask workers against a plain loop on the prostate pairs"),
     "ran_eval": ("ran_eval", "RAN against the peers and its ablation (heads, motion-aware levels): Dice, small-structure Dice, folds"),
+    "ran_heldout": ("ran_heldout", "RAN checkpoints on held-out training-style pairs: field error, LNCC, folds (for choosing)"),
     "alto_eval": ("alto_eval", "AltO against the peers on the photo homography task: MACE, acceptable rate, AUC"),
     "shift_experiment": ("shift_experiment", "translation equivariance: CARL against a U-Net, fixed image shifted"),
     "soak": ("soak", "50 registrations back to back in one process: RSS and threads at start and end"),

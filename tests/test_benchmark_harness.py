@@ -132,3 +132,19 @@ def test_harness_peak_counts_memory_reused_from_an_earlier_run():
     if run.mb is None:
         pytest.skip("no /proc/self/clear_refs (not Linux)")
     assert run.mb >= 195 and empty.mb < 5
+
+
+def test_ran_heldout_fold_fraction_counts_flipped_voxels():
+    import torch
+
+    from benchmarks.ran_heldout import fold_fraction
+
+    zero = torch.zeros(1, 3, 6, 7, 8)
+    assert fold_fraction(zero) == 0.0
+    z = torch.arange(6, dtype=torch.float32).view(6, 1, 1).expand(6, 7, 8)
+    mirrored = zero.clone()
+    mirrored[0, 0] = -2 * z  # x -> -x along axis 0: det = -1 everywhere
+    assert fold_fraction(mirrored) == 1.0
+    half = zero.clone()
+    half[0, 0, 3:] = -2 * z[3:]  # only the far half flips (the seam voxels stretch or fold)
+    assert 0.3 < fold_fraction(half) < 0.7

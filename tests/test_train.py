@@ -133,6 +133,12 @@ def test_init_starts_from_the_given_checkpoint(tmp_path):
     wa, wb = (weights.load(p, "carl", 2, build)[0].state_dict() for p in (a, b))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-8) for k in wa)
     assert json.loads(b.with_suffix(".json").read_text())["init"] == str(a)
+    # a run from b records the whole chain: b's own start, a, inside b's lineage
+    args = _args(tmp_path, 1, "c", seed=6)
+    args.init = str(b)
+    lineage = json.loads(train(args).with_suffix(".json").read_text())["init_from"]
+    assert lineage["file"] == str(b) and lineage["steps"] == 1
+    assert lineage["init_from"]["file"] == str(a) and lineage["init_from"]["steps"] == 2
 
 
 def test_lncc_eps_option_changes_the_training_loss_and_is_on_the_card(tmp_path):

@@ -88,7 +88,7 @@ def _lineage(init: str) -> dict[str, Any]:
     card = path.with_suffix(".json")
     prev = json.loads(card.read_text()) if card.exists() else {}
     return {"file": str(path), "sha256": weights.sha256(path),
-            **{k: prev[k] for k in ("command", "steps", "seed", "code_version", "config") if k in prev}}
+            **{k: prev[k] for k in ("command", "steps", "seed", "code_version", "config", "init_from") if k in prev}}
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
