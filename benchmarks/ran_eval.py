@@ -57,7 +57,8 @@ def add_ran(spec: str) -> tuple[str, dict[str, Any]]:
                                modalities=("mono", "multi"),
                                checkpoint=checkpoint, options=options)
     return name, {"label": label, "checkpoint": checkpoint, "io_steps": int(io or 0), "options": options, "dim": dim,
-                  "config": card.get("config", {}), "steps": card.get("steps"), "parameters": _parameters(checkpoint)}
+                  "config": card.get("config", {}), "steps": card.get("total_steps", card.get("steps")),
+                  "parameters": _parameters(checkpoint)}
 
 
 def table(summary: list[dict[str, Any]], task: str) -> str:
