@@ -18,7 +18,7 @@ from ..transforms import MatrixTransform, warp_image
 from . import session as ses
 from .layers import META_KEY, image_from_layer, image_layer, points_phys, same_place
 from .result_view import draw_grid
-from .widgets import layer_choices
+from .pickers import layer_choices
 
 VIEWS = ("checkerboard", "difference", "blend")
 

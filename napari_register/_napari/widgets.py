@@ -6,7 +6,6 @@ styled for judging it (:mod:`.result_view`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -26,37 +25,11 @@ from ..methods.registry import get_method, list_methods
 from ..progress import Cancelled, Progress
 from . import result_view as view
 from . import session as ses
-from .layers import META_KEY, image_from_layer, image_layer, points_phys
+from .layers import image_from_layer, image_layer, points_phys
+from .pickers import layer_choices, shipped_checkpoints
 
 log = logging.getLogger(__name__)
 FROM_FILE = "from file..."
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-
-
-def shipped_checkpoints(method: str, dim: int) -> list[tuple[str, str]]:
-    """(name, path) of the checkpoints shipped for ``method`` in ``dim``-D, from their json cards."""
-    out = []
-    for card_path in sorted(CHECKPOINT_DIR.glob("*.json")):
-        try:
-            card = json.loads(card_path.read_text())
-        except (OSError, ValueError):
-            continue  # a broken card is not a checkpoint to offer
-        weights = card_path.with_suffix(".pt")
-        if card.get("method") == method and int(card.get("dim", 0)) == dim and weights.exists():
-            out.append((card_path.stem, str(weights)))
-    return out
-
-
-def layer_choices(viewer: Any, kind: type, exclude_role: Optional[str] = None,
-                  ndim: Optional[Callable[[], Optional[int]]] = None):
-    """magicgui ``choices`` callable: the viewer's layers of one type, as (name, layer); with ``ndim``,
-    only those of the pair's dimension (a 2D points layer is no choice for a 3D pair)."""
-    def choices(_widget: Any = None) -> list[tuple[str, Any]]:
-        want = ndim() if ndim is not None else None
-        return [(layer.name, layer) for layer in viewer.layers if type(layer) is kind
-                and (exclude_role is None or layer.metadata.get(META_KEY, {}).get("role") != exclude_role)
-                and (want is None or layer.ndim == want)]
-    return choices
 
 
 class RegisterWidget(Container):
