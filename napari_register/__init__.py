@@ -13,7 +13,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "register": "api", "iter_register": "api", "RegistrationResult": "api", "Cancelled": "progress",
+    "register": "api", "iter_register": "api", "RegistrationResult": "api", "homography_first": "api",
+    "Cancelled": "progress",
     "read_image": "image", "write_image": "image", "Image": "image", "ImageError": "errors", "InputError": "errors",
     "list_methods": "methods.registry", "get_method": "methods.registry", "Progress": "progress",
     "DisplacementField": "transforms", "MatrixTransform": "transforms", "warp_image": "transforms",

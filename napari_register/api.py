@@ -46,6 +46,7 @@ class RegistrationResult:
     notes: list[str] = field(default_factory=list)  # what the run changed or noticed (see Progress.message)
     # a homography fitted to a dense result (moving_from_fixed, physical; pixels for photos), to export
     homography: Optional[MatrixTransform] = None
+    prealign: Optional[MatrixTransform] = None  # the matrix the run started from (see iter_register)
     # measured seconds of each stage of the run, in order (the estimate's plan: ``Method.plan``)
     timings: list[tuple[str, float]] = field(default_factory=list)
 
@@ -192,7 +193,8 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
     ``previews``: progress steps that carry a map also carry ``progress.warped`` (the moving image
     warped onto a coarse grid of the fixed image's extent, for live display) while previews stay
     within a small share of the run's time (:mod:`napari_register.previews`). ``init``: a previous
-    result on the same pair to continue from (instance optimisation of the current result). ``method``: a registered name,
+    result on the same pair to continue from (instance optimisation of the current result; its
+    ``prealign`` is kept). ``method``: a registered name,
     or a method instance to reuse (its network stays loaded across pairs; ``checkpoint`` and
     ``options`` then belong to it and must be left out). ``prealign``: a moving_from_fixed matrix
     (affine, or a 2D homography, e.g. :func:`homography_first`'s) the moving image is resampled
@@ -225,6 +227,8 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
         raise InputError(f"io_steps must be >= 0, got {steps}")
     if prealign is not None and (not isinstance(prealign, MatrixTransform) or prealign.ndim != fix.ndim):
         raise InputError(f"prealign must be a {fix.ndim}D MatrixTransform (moving_from_fixed), got {prealign!r}")
+    if init is not None and prealign is None:  # continuing keeps the frame the run started in
+        prealign = init.prealign
     init_tx = centre_alignment(mov.geometry, fix.geometry) if prealign is None else prealign
     shape = tuple(algo.working_shape(fix.shape, fix.geometry.spacing))
     init_out = None
@@ -285,7 +289,7 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
         seconds=time.perf_counter() - start, method=method,
         checkpoint=algo.checkpoint_name, io_steps=steps, device=str(dev),
         fixed=fix, moving=mov, output=out, loss=out.loss, notes=notes, homography=homography,
-        timings=tracker.timings)
+        prealign=prealign, timings=tracker.timings)
 
 
 # seconds per fixed-grid voxel on the reference CPU (2 threads), by dimensionality: resampling both

@@ -542,3 +542,57 @@ def test_qt_binding_keeps_refcounts(qapp):
         "the Qt binding leaks references to None (PySide6-Essentials 6.12.0 on Python < 3.12); "
         "install PySide6-Essentials<6.12, e.g. pip install 'PySide6-Essentials==6.11.3'")
 
+
+
+def test_homography_first_then_deformable_from_the_widget(viewer_widgets, qtbot, tmp_path, monkeypatch):
+    """A matrix run (AltO, a checkpoint trained here for one step, its corner fit doing the work) is
+    offered as the pre-alignment of the next run on the same pair, and that run starts from it."""
+    import json
+
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_register.training import build_parser
+    from napari_register.training.loop import train
+    from napari_register.transforms import MatrixTransform, warp_image
+
+    viewer, reg, _ = viewer_widgets
+    full = read_image(sample_dir() / "histology" / "fixed.jpg")
+    arr = np.ascontiguousarray(full.luminance()[::4, ::4])
+    fixed = Image(arr, Geometry.default(arr.shape))
+    c = np.array(arr.shape[::-1]) / 2
+    H = np.array([[1.04, 0.05, 0.0], [-0.03, 0.97, 0.0], [0.0, 0.0, 1.0]])
+    H[:2, 2] = c + [9.0, -6.0] - H[:2, :2] @ c
+    moving = warp_image(fixed, MatrixTransform(np.linalg.inv(H)), fixed.geometry)
+    add(viewer, fixed, "fixed")
+    add(viewer, moving, "moving")
+    add(viewer, downsample(fixed, 2), "other")  # another pair's image: its runs are not offered
+    offered = (lambda: [c for c in reg.prealign.choices if c is not None])  # noqa: E731
+    assert reg.prealign.value is None and offered() == [] and reg.prealign.native.isHidden()
+
+    tiny = {"reg_widths": [4, 4], "reg_hidden": 8, "enc_widths": [4, 4, 8, 8]}
+    ckpt = train(build_parser().parse_args([
+        "--method", "alto", "--dim", "2", "--out", str(tmp_path / "alto.pt"), "--steps", "1", "--batch", "2",
+        "--save-every", "1", "--threads", "1", "--config", json.dumps(tiny), "--recipe-options", '{"size": 128}']))
+    # no alto checkpoint is shipped: choosing alto asks for a file at once
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(ckpt), "")))
+    reg.method.value = "alto"
+    assert reg.checkpoint.value == str(ckpt)
+    reg.method_options, reg.io_steps.value = None, 80  # the corner fit
+    run_widget(qtbot, reg)
+    alto = reg.session.runs[-1]
+    assert alto.result.transform.as_matrix() is not None
+    assert offered() == [alto] and not reg.prealign.native.isHidden()
+
+    reg.method.value = "optimize"
+    reg.method_options = {"levels": [4], "iterations": [1], "affine_iterations": 0}  # adds (almost) nothing
+    reg.prealign.value = alto
+    run_widget(qtbot, reg)
+    seeded = reg.session.runs[-1]
+    assert seeded.result.method == "optimize" and seeded.result.prealign is not None
+    np.testing.assert_allclose(seeded.result.prealign.matrix, alto.result.transform.as_matrix())
+    pts = np.array([[40.0, 60.0], [150.0, 180.0], [200.0, 60.0]])
+    assert np.abs(alto.result.map_points(pts) - pts).max() > 3  # the matrix moves: the check below means something
+    assert np.abs(seeded.result.map_points(pts) - alto.result.map_points(pts)).max() < 1.5
+    assert offered() == [alto]  # a dense result is no pre-alignment
+    reg.fixed.value = viewer.layers["other"]
+    assert offered() == [] and reg.prealign.value is None and reg.prealign.native.isHidden()

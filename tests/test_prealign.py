@@ -51,6 +51,11 @@ def test_prealign_homography_is_applied_first_and_included_in_the_result(photo_p
     assert np.abs(pre.map_points(pts) - MatrixTransform(H).moving_from_fixed(pts)).max() < 1.5
     assert np.abs(plain.map_points(pts) - MatrixTransform(H).moving_from_fixed(pts)).max() > 5
     assert pre.fold_fraction == 0.0
+    assert pre.prealign is not None and plain.prealign is None
+    # continuing the run (instance optimisation of its result) stays in the frame it started in
+    more = register(moving, fixed, options=NO_MOTION, device="cpu", init=pre)
+    assert more.prealign is pre.prealign
+    assert np.abs(more.map_points(pts) - MatrixTransform(H).moving_from_fixed(pts)).max() < 1.5
 
 
 def test_homography_first_takes_a_matrix_result_and_refuses_a_dense_one(photo_pair):

@@ -19,7 +19,7 @@ from napari.layers import Image as ImageLayer
 from napari.layers import Labels, Points
 from napari.utils.notifications import show_error, show_info
 
-from ..api import resolve_device
+from ..api import homography_first, resolve_device
 from ..errors import InputError
 from ..methods.registry import get_method, list_methods
 from ..progress import Cancelled, Progress
@@ -55,6 +55,9 @@ class RegisterWidget(Container):
                                      nullable=True)
         self.moving_points = ComboBox(label="moving points", choices=layer_choices(viewer, Points, ndim=lambda: self.dim),
                                      nullable=True)
+        self.prealign = ComboBox(label="pre-align", choices=self._prealign_choices, nullable=True,
+                                 tooltip="homography first, then deformable: start from the matrix of an "
+                                         "earlier run on this pair (a homography method, e.g. alto)")
         self.method = ComboBox(label="method", choices=self._method_choices)
         self.checkpoint = ComboBox(label="checkpoint", choices=self._checkpoint_choices)
         self.settings = ComboBox(label="settings", choices=self._settings_choices,
@@ -73,10 +76,12 @@ class RegisterWidget(Container):
                                tooltip="swap the result for the unregistered moving image, over the fixed one")
         buttons = Container(widgets=[self.run_button, self.io_button, self.cancel_button], layout="horizontal",
                             labels=False)
-        self.extend([self.moving, self.fixed, self.moving_labels, self.moving_points, self.method, self.checkpoint,
+        self.extend([self.moving, self.fixed, self.moving_labels, self.moving_points, self.prealign, self.method,
+                     self.checkpoint,
                      self.settings, self.device, self.io_steps, buttons, self.progress, self.status, self.before])
         self.moving_labels.value = None
         self.moving_points.value = None
+        self.prealign.value = None
         self._grey_out_cuda()
         for w in (self.moving, self.fixed):
             w.changed.connect(self._on_layers_changed)
@@ -122,6 +127,16 @@ class RegisterWidget(Container):
         ready = (lambda m: not get_method(m).needs_checkpoint or bool(shipped_checkpoints(m, self.dim)))
         return sorted(list_methods(self.dim), key=lambda m: (m != "optimize", not ready(m)))
 
+    def _prealign_choices(self, _w: Any = None) -> list[tuple[str, Any]]:
+        """Earlier runs on this very pair whose result is a matrix (homography or affine)."""
+        return [(f"{run.name} (matrix)", run) for run in self.session.runs
+                if run.fixed_layer is self.fixed.value and run.moving_layer is self.moving.value
+                and run.result.transform.as_matrix() is not None]
+
+    def _refresh_prealign(self) -> None:
+        self.prealign.reset_choices()
+        self.prealign.visible = any(c is not None for c in self.prealign.choices)  # shown once there is one
+
     def _checkpoint_choices(self, _w: Any = None) -> list[tuple[str, Any]]:
         name, dim = getattr(self, "method", None) and self.method.value, self.dim
         if name is None or dim is None or not get_method(name).needs_checkpoint:
@@ -146,6 +161,7 @@ class RegisterWidget(Container):
     def _on_layers_changed(self, *_: Any) -> None:
         for combo in (self.moving_labels, self.moving_points):  # offer only those of the pair's dimension
             combo.reset_choices()
+        self._refresh_prealign()
         self.method.reset_choices()
         self._on_method_changed()
         self._check()
@@ -276,6 +292,8 @@ class RegisterWidget(Container):
         options = {**preset, **(self.method_options or {})} or None  # script-set options override the preset
         kwargs = dict(method=self.method.value, checkpoint=checkpoint, io_steps=steps, device=self.device.value,
                       options=options)
+        if parent is None and self.prealign.value is not None:
+            kwargs["prealign"] = homography_first(self.prealign.value.result)
         if parent is not None:  # same method, same pair, same options; only more steps
             r = parent.result
             kwargs.update(method=r.method, checkpoint=r.checkpoint, init=r, options=parent.options,
@@ -341,6 +359,7 @@ class RegisterWidget(Container):
         with self.before.changed.blocked():
             self.before.value = False
         self.session.add(run)  # the QA widget measures it
+        self._refresh_prealign()  # a matrix run can seed the next one
         self.progress.value = 100
         r = out.result
         loss = "" if r.loss is None else f", loss {r.loss:.4f}"
