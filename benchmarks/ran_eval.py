@@ -29,8 +29,7 @@ COLUMNS = (("dice", "Dice", ".3f", 1), ("dice_small", "small-structure Dice", ".
 def _card(checkpoint: str) -> dict[str, Any]:
     from napari_register import weights
 
-    path = weights.resolve(checkpoint, checkpoint)
-    return json.loads(path.with_suffix(".json").read_text())
+    return weights.read_card(weights.resolve(checkpoint, checkpoint)) or {}
 
 
 def _parameters(checkpoint: str) -> int:

@@ -22,12 +22,14 @@ from benchmarks import new_run_dir, provenance, write_run
 
 
 def fold_fraction(disp_vox: torch.Tensor) -> float:
-    """Share of voxels where det(I + grad u) <= 0, ``u`` ``(1, d, *S)`` in voxels, array order."""
-    d = disp_vox.shape[1]
-    grads = [torch.gradient(disp_vox[0, i], dim=tuple(range(d))) for i in range(d)]
-    jac = torch.stack([torch.stack([grads[i][j] + (1.0 if i == j else 0.0) for j in range(d)], -1)
-                       for i in range(d)], -2)
-    return float((torch.linalg.det(jac) <= 0).float().mean())
+    """Share of voxels where det(I + grad u) <= 0, ``u`` ``(1, d, *S)`` in voxels, array order: the
+    project's own Jacobian and fold count on a unit grid (physical order is the reversed array order)."""
+    from napari_register.coords import Geometry
+    from napari_register.metrics import fold_fraction as folds
+    from napari_register.transforms import jacobian_determinant
+
+    disp = np.moveaxis(disp_vox[0].detach().cpu().numpy(), 0, -1)[..., ::-1]
+    return folds(jacobian_determinant(disp, Geometry.default(tuple(disp_vox.shape[2:]))))
 
 
 def pairs(dim: int, n: int, seed: int) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:

@@ -44,11 +44,7 @@ class PairSource:
         own; ``truth`` ``(1, d, *shape)`` is moving_norm_from_fixed_norm."""
         g = self.gen
         if float(torch.rand(1, generator=g)) < self.real_fraction:
-            group = list(self.real.groups)[int(torch.randint(len(self.real.groups), (1,), generator=g))]
-            vols = self.real.groups[group]
-            i = int(torch.randint(len(vols), (1,), generator=g))
-            axis = None if self.dim == 3 else int(torch.randint(3, (1,), generator=g))
-            base = self.real.sample(*vols[i], group, self.shape, g, axis, self.real_shift)
+            (base,) = self._real(1)
         else:
             base = synthetic_image(self.shape, g)
         truth = random_rigid_map(self.shape, g)
@@ -57,17 +53,21 @@ class PairSource:
     def one(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.gen
         if float(torch.rand(1, generator=g)) < self.real_fraction:
-            group = list(self.real.groups)[int(torch.randint(len(self.real.groups), (1,), generator=g))]
-            vols = self.real.groups[group]
-            i, j = torch.randint(len(vols), (2,), generator=g).tolist()
-            axis = None if self.dim == 3 else int(torch.randint(3, (1,), generator=g))
-            a = self.real.sample(*vols[i], group, self.shape, g, axis, self.real_shift)
-            b = self.real.sample(*vols[j], group, self.shape, g, axis, self.real_shift)
+            a, b = self._real(2)
         else:
             base = synthetic_image(self.shape, g)
             a = coords.sample(base, random_map(self.shape, g, 0.08, 0.1), padding_mode="zeros")
             b = coords.sample(base, random_map(self.shape, g, 0.08, 0.1), padding_mode="zeros")
         return corrupt(a, g), corrupt(b, g)
+
+    def _real(self, k: int) -> list[torch.Tensor]:
+        """``k`` real images of one group (same slicing axis in 2D), each a random crop and shift."""
+        g = self.gen
+        group = list(self.real.groups)[int(torch.randint(len(self.real.groups), (1,), generator=g))]
+        vols = self.real.groups[group]
+        picks = torch.randint(len(vols), (k,), generator=g).tolist()
+        axis = None if self.dim == 3 else int(torch.randint(3, (1,), generator=g))
+        return [self.real.sample(*vols[i], group, self.shape, g, axis, self.real_shift) for i in picks]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
