@@ -150,11 +150,66 @@ def main(argv: Optional[list[str]] = None) -> int:
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     _plot(errors, out / "error_curves.png")
+    figures = "\n![cumulative error curves](error_curves.png)\n"
+    steps = _step_rows(table, _art_steps(args.art_checkpoint))
+    if steps:
+        lines += ["## ART's step efficiency (refinement steps k; the last is the full network)", "",
+                  "| variant | " + " | ".join(f"k = {k}" for k in steps) + " | no cross-attention |",
+                  "|---|" + "---|" * (len(steps) + 1)]
+        for v, rows in table.items():
+            nocal = rows.get("art_nocal")
+            lines.append(f"| {v} (MACE mean / median px) | " + " | ".join(
+                f"{rows[m]['mace_mean']:.2f} / {rows[m]['mace_median']:.2f}" for m in steps.values()) +
+                (f" | {nocal['mace_mean']:.2f} / {nocal['mace_median']:.2f} |" if nocal else " | - |"))
+        lines.append("")
+        _plot_steps(table, steps, out / "art_steps.png")
+        figures += "![ART step efficiency](art_steps.png)\n"
     write_run(out, record, {"scores": table, "errors": errors, "seconds": seconds, "failures": failures},
-              "\n".join(lines) + "\n![cumulative error curves](error_curves.png)\n",
+              "\n".join(lines) + figures,
               title="Homography on held-out photos: MACE, acceptable rate, AUC")
     print("\n".join(lines))
     return 0
+
+
+def _art_steps(checkpoint: Optional[str]) -> int:
+    """K of an ART checkpoint (``12 * 2^K`` = its size), from its card."""
+    from napari_register import weights
+    from napari_register.methods.art import START
+
+    card = weights.read_card(weights.resolve(checkpoint, "art-2d")) or {}
+    return int(round(np.log2(card.get("config", {}).get("size", 96) / START)))
+
+
+def _step_rows(table: dict[str, dict[str, dict]], full: int) -> dict[int, str]:
+    """``{k: row}`` of ART's step-efficiency rows: ``art_k<k>``, and ``art`` as the full ``K``."""
+    rows = next(iter(table.values()), {})
+    out = {int(m[5:]): m for m in rows if m.startswith("art_k") and int(m[5:]) < full}
+    if not out or "art" not in rows:
+        return {}
+    return dict(sorted({**out, full: "art"}.items()))
+
+
+def _plot_steps(table: dict[str, dict[str, dict]], steps: dict[int, str], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.6, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for v, rows in table.items():
+        line = ax.plot(list(steps), [rows[m]["mace_median"] for m in steps.values()], "o-", label=f"{v}, ART")[0]
+        if "art_nocal" in rows:
+            ax.axhline(rows["art_nocal"]["mace_median"], ls="--", color=line.get_color(), lw=1,
+                       label=f"{v}, no cross-attention")
+        if "identity" in rows:
+            ax.axhline(rows["identity"]["mace_median"], ls=":", color=line.get_color(), lw=1)
+    ax.set_xlabel("refinement steps k (fields 12 x 2^k)")
+    ax.set_ylabel("median MACE (px); dotted: unregistered")
+    ax.set_xticks(list(steps))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _plot(errors: dict[str, dict[str, list[float]]], path: Path) -> None:

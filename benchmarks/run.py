@@ -68,6 +68,8 @@ OURS = {
                              label="ours: CARL + IO 100, brain settings"),
     "ran": ours("ran", label="ours: RAN (affine + network)"),
     "ran_io": ours("ran", io_steps=50, label="ours: RAN + IO 50"),
+    "art": ours("art", label="ours: ART", dims=(2,), modalities=("mono", "multi")),
+    "art_io": ours("art", io_steps=50, label="ours: ART + IO 50", dims=(2,), modalities=("mono", "multi")),
 }
 QUICK_PEERS = ("identity", "sitk_demons", "elastix_bspline", "elastix_affine_bspline", "opencv_sift")
 

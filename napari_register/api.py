@@ -338,12 +338,15 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
 
 
 def homography_first(result: RegistrationResult) -> MatrixTransform:
-    """The matrix of a homography or affine method's result (``result.transform``), to pass as
-    ``prealign`` to a deformable run: "homography first, then deformable"."""
+    """The matrix of a homography or affine method's result (``result.transform``), or the
+    homography fitted to a dense one (``result.homography``, ART), to pass as ``prealign`` to a
+    deformable run: "homography first, then deformable"."""
     matrix = result.transform.as_matrix()
+    if matrix is None and result.homography is not None:
+        matrix = result.homography.as_matrix()
     if matrix is None:
         raise InputError(f"{result.method!r} gave a dense field, not a matrix; a pre-alignment needs a "
-                         "homography or affine method, e.g. alto")
+                         "homography or affine method, e.g. alto or art")
     return MatrixTransform(matrix)
 
 

@@ -11,7 +11,7 @@ import torch
 from napari_register import coords, register, weights
 from napari_register.coords import Geometry
 from napari_register.image import Image
-from napari_register.methods.art import ARTNet, build, fit_homography, homography_loss, point_loss
+from napari_register.methods.art import ARTNet, attention_loss, build, fit_homography, homography_loss, point_loss
 from napari_register.methods.registry import get_method, list_methods
 from napari_register.training import build_parser
 from napari_register.training.loop import train
@@ -65,7 +65,28 @@ def test_point_loss_is_in_pixels_and_zero_at_the_truth():
     assert float(point_loss(coarse, truth, 50)) < 1e-3
 
 
-def _train(tmp_path, steps=2, options="{}"):
+def test_attention_loss_is_zero_on_the_true_cells_and_log_n_when_uniform():
+    n = 6
+    ident = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 4, 1, 1).expand(1, 4, n, n)
+    truth = coords.identity_map((24, 24))  # a finer truth grid, resampled to the attention's
+    eye = torch.eye(n * n)[None]
+    assert float(attention_loss(eye.clamp_min(1e-12), ident, truth)) == pytest.approx(0.0, abs=1e-5)
+    uniform = torch.full((1, n * n, n * n), 1.0 / (n * n))
+    assert float(attention_loss(uniform, ident, truth)) == pytest.approx(np.log(n * n), rel=1e-5)
+    # content one cell down: each fixed token's true cell is the next row's; the tokens whose truth
+    # falls off the grid (the last row) do not count
+    down = truth + torch.tensor([1.0 / (n - 1), 0.0]).view(1, 2, 1, 1)
+    shifted = torch.roll(eye, n, dims=2).clamp_min(1e-12)
+    assert float(attention_loss(shifted, ident, down)) == pytest.approx(0.0, abs=1e-4)
+    assert float(attention_loss(eye.clamp_min(1e-12), ident, down)) > 15  # -log of the 1e-8 floor
+    # the fields the moving image was warped with pull the target back: warped by the same shift,
+    # the content is found where the fixed pixel is
+    moved = ident.clone()
+    moved[:, 2] = 2.0 / (n - 1)  # D_A, centred units: one cell down
+    assert float(attention_loss(eye.clamp_min(1e-12), moved, down)) == pytest.approx(0.0, abs=1e-4)
+
+
+def _train(tmp_path, steps=2, options='{"pretrain": 1}'):
     pytest.importorskip("skimage", reason="the photo pair source reads scikit-image's bundled photos")
     args = build_parser().parse_args([
         "--method", "art", "--dim", "2", "--out", str(tmp_path / "art.pt"), "--steps", str(steps), "--batch", "2",
@@ -78,7 +99,9 @@ def test_trained_by_the_loop_and_registered_end_to_end(tmp_path):
     path = _train(tmp_path)
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["method"] == "art" and card["steps"] == 2 and card["data"]["split"] == "train"
-    assert {"px2_step1", "px2_step2", "homography"} <= set(card["final_losses"])
+    assert {"px2_step1", "px2_step2", "homography", "att_step1", "att_step2"} <= set(card["final_losses"])
+    log = [json.loads(line) for line in (tmp_path / "art.run" / "log.jsonl").read_text().splitlines()]
+    assert "px2_step1" not in log[0] and "att_step1" in log[0]  # the attention's pre-training came first
     assert not set(card["data"]["photos"]) & {"astronaut", "coffee", "chelsea", "rocket", "camera", "brick"}
     assert "art" in list_methods(2) and "art" not in list_methods(3)
     net, _ = weights.load(path, "art", 2, build)

@@ -594,5 +594,58 @@ def test_homography_first_then_deformable_from_the_widget(viewer_widgets, qtbot,
     assert np.abs(alto.result.map_points(pts) - pts).max() > 3  # the matrix moves: the check below means something
     assert np.abs(seeded.result.map_points(pts) - alto.result.map_points(pts)).max() < 1.5
     assert offered() == [alto]  # a dense result is no pre-alignment
+
+    # the plugin's homography writer: the matrix run's 3x3 text, and a clear refusal for a dense run
+    from napari_register._napari.writer import write_homography
+
+    meta = (lambda layer: {"name": layer.name, "metadata": layer.metadata})  # noqa: E731
+    out = write_homography(str(tmp_path / "h.txt"), None, meta(alto.layers["warped"]))
+    np.testing.assert_allclose(np.loadtxt(out[0]), alto.result.transform.as_matrix())
+    with pytest.raises(ValueError, match="has no homography"):
+        write_homography(str(tmp_path / "d.txt"), None, meta(seeded.layers["grid"]))
     reg.fixed.value = viewer.layers["other"]
     assert offered() == [] and reg.prealign.value is None and reg.prealign.native.isHidden()
+
+
+def test_art_registers_a_colour_pair_and_exports_its_homography(viewer_widgets, qtbot, tmp_path):
+    """ART on an RGB pair related by a homography: the warped layer stays in colour, grid and
+    Jacobian layers sit on the fixed image, the fitted homography moves points towards the truth,
+    is offered as a pre-alignment and is saved by the plugin's writer."""
+    from napari_register import weights
+    from napari_register._napari.writer import write_homography
+    from napari_register.transforms import MatrixTransform, warp_image
+
+    if not (weights.CHECKPOINT_DIR / "art-2d.pt").exists():
+        pytest.skip("art-2d.pt not shipped")
+    viewer, reg, _ = viewer_widgets
+    fixed = downsample(read_image(sample_dir() / "histology" / "fixed.jpg"), 4)
+    fixed = Image(fixed.array, Geometry.default(fixed.array.shape[:2]), channels=True, rgb=True)
+    h, w = fixed.array.shape[:2]
+    c = np.array([w, h]) / 2
+    H = np.array([[1.05, 0.04, 0.0], [-0.04, 0.98, 0.0], [2e-5, -3e-5, 1.0]])  # fixed px -> moving px (x, y)
+    H[:2, 2] = c + [8.0, -5.0] - H[:2, :2] @ c
+    moving = warp_image(fixed, MatrixTransform(np.linalg.inv(H)), fixed.geometry)
+    assert moving.rgb
+    add(viewer, fixed, "fixed")
+    add(viewer, moving, "moving")
+    assert "art" in reg.method.choices
+    reg.method.value = "art"
+    assert reg.checkpoint.value == str(weights.CHECKPOINT_DIR / "art-2d.pt")
+    reg.method_options = None
+    run_widget(qtbot, reg)
+    (run,) = reg.session.runs
+    assert run.layers["warped"].rgb and run.result.warped.rgb
+    for role in ("warped", "grid", "jacobian"):
+        assert_placed_like(run.layers[role], viewer.layers["fixed"])
+    pts = np.array([[0.25 * w, 0.25 * h], [0.75 * w, 0.3 * h], [0.7 * w, 0.75 * h], [0.3 * w, 0.7 * h]])
+    truth = (np.c_[pts, np.ones(4)] @ H.T)[:, :2] / (np.c_[pts, np.ones(4)] @ H.T)[:, 2:]
+    before = np.linalg.norm(pts - truth, axis=1).mean()
+    after = np.linalg.norm(run.result.homography.moving_from_fixed(pts) - truth, axis=1).mean()
+    assert after < 0.5 * before, (before, after)
+    assert [c for c in reg.prealign.choices if c is not None] == [run]  # the fitted homography seeds a next run
+
+    layer = run.layers["warped"]
+    out = write_homography(str(tmp_path / "h.txt"), layer.data, {"name": layer.name, "metadata": layer.metadata})
+    np.testing.assert_allclose(np.loadtxt(out[0]), run.result.homography.as_matrix())
+    with pytest.raises(ValueError, match="not a registration result"):
+        write_homography(str(tmp_path / "x.txt"), None, {"name": "fixed", "metadata": {}})

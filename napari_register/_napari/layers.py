@@ -14,7 +14,7 @@ from ..coords import Geometry, apply_h
 from ..image import Image
 
 LayerData = tuple  # napari LayerDataTuple: (data, kwargs, layer_type)
-META_KEY = "napari_register"  # layer.metadata[META_KEY]: {"run": int, "role": str, "field": DisplacementField}
+META_KEY = "napari_register"  # layer.metadata[META_KEY]: {"run", "role", "field", "matrix"}
 
 
 def _reverse_rows(d: int) -> np.ndarray:
@@ -124,6 +124,7 @@ def same_place(layer_a: Any, layer_b: Any) -> bool:
     return np.allclose(world_from_data(layer_a), world_from_data(layer_b))
 
 
-def run_metadata(run: int, role: str, field: Optional[Any] = None) -> dict[str, Any]:
-    """``metadata`` of a result layer: which run made it, its role, and the run's displacement field."""
-    return {META_KEY: {"run": run, "role": role, "field": field}}
+def run_metadata(run: int, role: str, field: Optional[Any] = None, matrix: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """``metadata`` of a result layer: which run made it, its role, the run's displacement field and,
+    for a run with one, its homography or affine matrix (moving_phys_from_fixed_phys)."""
+    return {META_KEY: {"run": run, "role": role, "field": field, "matrix": matrix}}

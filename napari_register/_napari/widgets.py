@@ -128,10 +128,11 @@ class RegisterWidget(Container):
         return sorted(list_methods(self.dim), key=lambda m: (m != "optimize", not ready(m)))
 
     def _prealign_choices(self, _w: Any = None) -> list[tuple[str, Any]]:
-        """Earlier runs on this very pair whose result is a matrix (homography or affine)."""
+        """Earlier runs on this very pair whose result is a matrix (homography or affine) or comes
+        with one (the homography fitted to ART's dense map)."""
         return [(f"{run.name} (matrix)", run) for run in self.session.runs
                 if run.fixed_layer is self.fixed.value and run.moving_layer is self.moving.value
-                and run.result.transform.as_matrix() is not None]
+                and (run.result.transform.as_matrix() is not None or run.result.homography is not None)]
 
     def _refresh_prealign(self) -> None:
         self.prealign.reset_choices()

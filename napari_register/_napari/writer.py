@@ -1,5 +1,6 @@
-"""npe2 writers: an image/labels layer with its physical geometry (NIfTI, MHA, NRRD), and the
-displacement field of the run that made a result layer (ITK transform file, or a vector image)."""
+"""npe2 writers: an image/labels layer with its physical geometry (NIfTI, MHA, NRRD), the
+displacement field of the run that made a result layer (ITK transform file, or a vector image), and
+that run's homography (3x3 text, as the CLI's ``homography.txt``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,3 +51,18 @@ def write_field(path: str, data: Any, meta: dict) -> list[str]:
         raise ValueError(f"layer {meta.get('name')!r} is not a registration result; select a layer made "
                          "by the Register widget (warped, grid, Jacobian...) to save its displacement field")
     return [str(_atomic_write(Path(path), field.save))]
+
+
+def write_homography(path: str, data: Any, meta: dict) -> list[str]:
+    """Write the homography (or affine) matrix of the run behind a result layer as 3x3 text,
+    moving_phys_from_fixed_phys: what ``register --prealign`` reads back."""
+    from ..transforms import MatrixTransform
+
+    info = (meta.get("metadata") or {}).get(META_KEY) or {}
+    if "run" not in info:
+        raise ValueError(f"layer {meta.get('name')!r} is not a registration result; select a layer made "
+                         "by the Register widget (warped, grid, Jacobian...) to save its homography")
+    if info.get("matrix") is None:
+        raise ValueError(f"run #{info['run']} has no homography: its method gave a dense field only; save "
+                         "the displacement field (.h5/.tfm) instead, or run a homography method (art, alto)")
+    return [str(_atomic_write(Path(path), MatrixTransform(np.asarray(info["matrix"])).save_txt))]

@@ -26,6 +26,9 @@ Choices the paper leaves open, as built here:
 - Homography term: L1 (px) between the final map and the homography fitted to it by least
   squares (DLT over a grid of points), weight ``lam_h``; the point term: L2 (px) on ``points``
   random points per step against the ground-truth map, later steps weighted more (``gamma``).
+- Attention one feature level coarser than the step's grid (the first step attends at 12 x 12,
+  where the fields start): a token then sees twice the context, and global matching learns several
+  times faster on the CPU (docs/methods/art.md).
 - Backbone: a small residual CNN (one stride-2 conv and one residual block per level, widths
   ``widths`` from fine to coarse) instead of a ResNet-18, for CPU training.
 """
@@ -86,8 +89,9 @@ class CrossAttention(nn.Module):
         self.out = nn.Conv2d(dim + 2, out, 1)
         self.grid = grid
 
-    def forward(self, f_s: torch.Tensor, f_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(features (B, out, H, W), attended centred coordinates (B, 2, H, W))``."""
+    def forward(self, f_s: torch.Tensor, f_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(features (B, out, H, W), attended centred coordinates (B, 2, H, W), attention weights
+        (B, h*w, h*w) on the pooled grid)``."""
         b, _, h, w = f_s.shape
         if max(h, w) > self.grid:
             f_s, f_d = F.adaptive_avg_pool2d(f_s, self.grid), F.adaptive_avg_pool2d(f_d, self.grid)
@@ -98,11 +102,12 @@ class CrossAttention(nn.Module):
         q = F.normalize(self.q(f_s).flatten(2).transpose(1, 2), dim=-1)
         k = F.normalize(self.k(f_d).flatten(2).transpose(1, 2), dim=-1)
         v = torch.cat([self.v(f_d), pos.expand(b, -1, -1, -1)], 1).flatten(2).transpose(1, 2)
-        att = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, -1, hh, ww)
+        weights = torch.softmax(self.scale * q @ k.transpose(1, 2), -1)
+        att = (weights @ v).transpose(1, 2).reshape(b, -1, hh, ww)
         out = torch.cat([self.out(att), att[:, -2:]], 1)
         if (hh, ww) != (h, w):
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
-        return out[:, :-2], out[:, -2:]
+        return out[:, :-2], out[:, -2:], weights
 
 
 class Updater(nn.Module):
@@ -129,7 +134,9 @@ def fields_to_map(d: torch.Tensor) -> torch.Tensor:
 class ARTNet(nn.Module):
     """``forward(moving, fixed)`` on ``(B, 1, size, size)`` -> the maps of every step, coarse to fine
     (the last is the result), each ``(B, 2, 12 * 2^k, 12 * 2^k)``; ``fields=True``: the fields
-    ``[D_M, D_A]`` ``(B, 4, ...)`` instead."""
+    ``[D_M, D_A]`` ``(B, 4, ...)`` instead. ``found``: a list that receives, per step, the
+    attention weights of the fixed pixels over the warped moving image (on the attention's grid)
+    and the fields the moving image was warped with."""
 
     def __init__(self, dim: int = 2, size: int = 96, widths: Sequence[int] = (16, 32, 64, 128),
                  attention_dim: int = 64, attention_out: int = 32, attention_grid: int = 24, hidden: int = 32,
@@ -141,22 +148,24 @@ class ARTNet(nn.Module):
         if steps != int(steps) or steps < 1:
             raise ValueError(f"ART's size must be 12 * 2^K (24, 48, 96, 192, ...), got {size}")
         self.dim, self.size, self.steps = dim, int(size), int(steps)
-        if len(widths) < self.steps:
-            raise ValueError(f"size {size} takes {self.steps} steps, which need {self.steps} feature levels; "
+        if len(widths) < self.steps + 1:
+            raise ValueError(f"size {size} takes {self.steps} steps, which need {self.steps + 1} feature levels; "
                              f"got widths {list(widths)}")
         self.backbone = Backbone(widths)
         self.cross_attention = bool(cross_attention)
-        # step k (1..K) works at size / 2^(K-k): feature level K-k (0 = finest)
+        # step k (1..K) works at size / 2^(K-k): feature level K-k (0 = finest); its attention one
+        # level coarser (the first at 12 x 12, where the fields start): twice the context per token
         levels = [self.steps - k for k in range(1, self.steps + 1)]
         self.attention = nn.ModuleList(
-            CrossAttention(widths[lv], attention_dim, attention_out, attention_grid, attention_scale) for lv in levels
-        ) if cross_attention else None
+            CrossAttention(widths[lv + 1], attention_dim, attention_out, attention_grid, attention_scale)
+            for lv in levels) if cross_attention else None
         self.gate = nn.Parameter(torch.ones(self.steps)) if cross_attention else None
         self.update = nn.ModuleList(Updater(widths[lv], attention_out if cross_attention else 0, hidden)
                                     for lv in levels)
         self.levels = levels
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, fields: bool = False) -> list[torch.Tensor]:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, fields: bool = False,
+                found: list | None = None) -> list[torch.Tensor]:
         if moving.shape != fixed.shape or moving.dim() != 4 or tuple(fixed.shape[2:]) != (self.size, self.size):
             raise ValueError(f"ART needs moving and fixed of shape (B, 1, {self.size}, {self.size}), "
                              f"got {tuple(moving.shape)} and {tuple(fixed.shape)}")
@@ -168,14 +177,21 @@ class ARTNet(nn.Module):
             side = START * 2 ** (k + 1)
             d = F.interpolate(d, size=(side, side), mode="bilinear", align_corners=True)
             f_d = feats_f[lv]
-            f_s = coords.sample(feats_m[lv], fields_to_map(d))  # the moving features where D sends the fixed grid
+            phi = fields_to_map(d)
+            f_s = coords.sample(feats_m[lv], phi)  # the moving features where D sends the fixed grid
             u = 0.0
             if self.attention is not None:
-                (cal_sd, pos_sd), (cal_ds, pos_ds) = self.attention[k](f_s, f_d), self.attention[k](f_d, f_s)
+                a_d = feats_f[lv + 1]
+                a_s = coords.sample(feats_m[lv + 1], coords.resize_map(phi, tuple(a_d.shape[2:])))
+                (cal_sd, pos_sd, _), (cal_ds, pos_ds, w_ds) = self.attention[k](a_s, a_d), self.attention[k](a_d, a_s)
+                cal_sd, pos_sd, cal_ds, pos_ds = (F.interpolate(t, size=(side, side), mode="bilinear", align_corners=True)
+                                                  for t in (cal_sd, pos_sd, cal_ds, pos_ds))
                 # where the fixed content is found in the warped moving image, less where the warped
                 # moving content is found in the fixed image, halved: the shift still to apply (a
                 # direct path, as CARL's attention map, which the learned update corrects)
                 shift = 0.5 * (pos_ds - pos_sd)
+                if found is not None:  # for the recipe's attention term: where it looked, from which fields
+                    found.append((w_ds, d))
                 u = self.gate[k] * torch.cat([torch.zeros_like(shift), d[:, :2] * shift], 1)
             else:
                 cal_sd = cal_ds = f_d.new_zeros(b, 0, side, side)
@@ -184,6 +200,16 @@ class ARTNet(nn.Module):
             d = d + u + 0.5 * torch.tanh(raw)  # bounded: one step moves a pixel at most a quarter image
             maps.append(d if fields else fields_to_map(d))
         return maps
+
+
+    def match(self, moving: torch.Tensor, fixed: torch.Tensor) -> list[torch.Tensor]:
+        """Each step's attention weights of the fixed image's tokens over the moving image's, the
+        fields at the identity (``(B, n*n, n*n)`` per step): what the recipe's attention
+        pre-training teaches, without the refinement's cost."""
+        if self.attention is None:
+            raise ValueError("this ART network has no cross-attention (cross_attention: false)")
+        feats_m, feats_f = self.backbone(moving), self.backbone(fixed)
+        return [att(feats_f[lv + 1], feats_m[lv + 1])[2] for att, lv in zip(self.attention, self.levels)]
 
 
 def build(**config: Any) -> ARTNet:
@@ -199,16 +225,54 @@ def fit_homography(phi: torch.Tensor, stride: int = 4) -> torch.Tensor:
                                  dst.flatten(2).transpose(1, 2))
 
 
+def _inside(truth: torch.Tensor, margin: float = 0.25) -> torch.Tensor:
+    """Where the true map stays within ``margin`` of the image (norm frame): a homography of the
+    central patch can send far pixels of the view towards its horizon, and those targets would
+    swamp the loss."""
+    return ((truth > -margin) & (truth < 1 + margin)).all(1, keepdim=True).to(truth.dtype)
+
+
 def point_loss(phi: torch.Tensor, truth: torch.Tensor, points: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """Mean squared distance (px of ``truth``'s grid) between ``phi`` and ``truth`` at ``points``
-    random points of the image (bilinear in both)."""
+    random points of the image (bilinear in both) whose true position is near the image."""
     b = phi.shape[0]
     pts = torch.rand(b, points, 1, 2, generator=gen).to(phi.device)  # grid_sample's (x, y) in [0, 1]
     grid = 2 * pts - 1
     a = F.grid_sample(phi, grid, align_corners=True)[..., 0]
     t = F.grid_sample(truth, grid, align_corners=True)[..., 0]
+    w = _inside(t)
     scale = phi.new_tensor([n - 1 for n in truth.shape[2:]]).view(1, 2, 1)
-    return (((a - t) * scale) ** 2).sum(1).mean()
+    return ((((a - t) * scale) ** 2).sum(1, keepdim=True) * w).sum() / w.sum().clamp_min(1)
+
+
+def attention_loss(weights: torch.Tensor, d: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the attention weights ``(B, n*n, n*n)`` (fixed pixels of an ``n x n`` grid
+    over the moving image warped by fields ``d``) against where each fixed pixel's content truly is:
+    the true position pulled back through ``c' = D_M * c + D_A`` (``(t - D_A) / D_M``, ``D`` taken
+    as locally constant), spread bilinearly over its four nearest cells. A classification loss
+    teaches the features to match long before a soft-argmax's L2 would (its gradient vanishes
+    while the weights are diffuse)."""
+    b, nq, nk = weights.shape
+    n = int(round(nq ** 0.5))
+    grid = (n, n)
+    t = coords.resize_map(truth, grid)
+    dd = F.interpolate(d, size=grid, mode="bilinear", align_corners=True)
+    target = ((2 * t - 1) - dd[:, 2:]) / dd[:, :2].clamp_min(0.1)  # centred, in the warped moving image
+    cell = ((target + 1) / 2 * (n - 1)).flatten(2).transpose(1, 2).detach()  # (B, nq, 2) row, col
+    lo = cell.floor()
+    frac = cell - lo
+    dist = weights.new_zeros(b, nq, nk)
+    for dr in (0, 1):
+        for dc in (0, 1):
+            r, c = lo[..., 0] + dr, lo[..., 1] + dc
+            wgt = (frac[..., 0] if dr else 1 - frac[..., 0]) * (frac[..., 1] if dc else 1 - frac[..., 1])
+            ok = (r >= 0) & (r < n) & (c >= 0) & (c < n)
+            idx = (r.clamp(0, n - 1) * n + c.clamp(0, n - 1)).long()
+            dist.scatter_add_(2, idx[..., None], (wgt * ok)[..., None])
+    mass = dist.sum(-1)
+    valid = (mass > 0.5).to(weights.dtype)  # the true position lies on the grid
+    ce = -(dist * torch.log(weights.clamp_min(1e-8))).sum(-1) / mass.clamp_min(1e-8)
+    return (ce * valid).sum() / valid.sum().clamp_min(1)
 
 
 def homography_loss(phi: torch.Tensor) -> torch.Tensor:
