@@ -13,6 +13,7 @@ corners. ``art_k<k>`` stops ART after ``k`` refinement steps (the step-efficienc
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -94,6 +95,7 @@ def estimators(args: argparse.Namespace) -> dict[str, Estimator]:
     if "art" in list_methods(2):
         out["art"] = _ours("art", args.art_checkpoint)
         out["art_io"] = _ours("art", args.art_checkpoint, io_steps=args.io_steps)
+        out["art_fit"] = _ours("art", args.art_checkpoint, options={"fit_steps": 100, **args.art_options})
         for k in args.art_steps:
             out[f"art_k{k}"] = _ours("art", args.art_checkpoint, options={"steps": k})
         if args.ablation_checkpoint:
@@ -113,6 +115,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--alto-checkpoint", help="AltO checkpoint (default: the shipped alto-2d)")
     ap.add_argument("--art-steps", type=int, nargs="*", default=[1, 2], help="step-efficiency rows: stop after k")
     ap.add_argument("--io-steps", type=int, default=20, help="instance-optimisation steps of art_io")
+    ap.add_argument("--validation", action="store_true",
+                    help="training photos and seeds instead of the benchmark's (for choosing settings)")
+    ap.add_argument("--art-options", type=json.loads, default={},
+                    help="extra ART options as JSON, e.g. '{\"fit_steps\": 100}' (the art_fit row)")
     ap.add_argument("--out", help="run folder (default: a new benchmarks/results/<date>-photo-eval)")
     args = ap.parse_args(argv)
     record = provenance("photo_eval", argv)
@@ -125,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     failures: list[str] = []
     for variant in args.variants:
         for seed in range(args.seeds):
-            for pc in photos.cases(variant, seed=seed):
+            for pc in photos.cases(variant, seed=seed, validation=args.validation):
                 for name, make in methods.items():
                     t0 = time.perf_counter()
                     try:

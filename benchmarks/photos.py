@@ -43,12 +43,21 @@ class PhotoCase:
     truth: np.ndarray  # 3x3 moving_from_fixed in pixel (x, y) coordinates
 
 
-def cases(variant: str = "clean", n: int | None = None, seed: int = 0) -> list[PhotoCase]:
+VALIDATION_SEED = 2_000_000_000  # validation cases: training photos, seeds training never draws
+
+
+def cases(variant: str = "clean", n: int | None = None, seed: int = 0, validation: bool = False) -> list[PhotoCase]:
+    """The benchmark's cases; ``validation``: the same protocol on the *training* photos (scikit-image
+    ones only), other seeds: for choosing settings and checkpoints without a benchmark photo."""
     if variant not in VARIANTS:
         raise ValueError(f"photo variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    from napari_register.data.photos import photo_names
+
+    names = [p for p in photo_names("train") if "/" not in p] if validation else PHOTOS
+    base = VALIDATION_SEED if validation else BENCHMARK_SEED
     out = []
-    for i, name in enumerate(PHOTOS[:n]):
-        gen = torch.Generator().manual_seed(BENCHMARK_SEED + 1000 * seed + i)
+    for i, name in enumerate(names[:n]):
+        gen = torch.Generator().manual_seed(base + 1000 * seed + i)
         p = make_pair(name, gen, size=PATCH, rho=RHO, view=SIZE, **VARIANTS[variant])
         out.append(PhotoCase(f"photos_{variant}", f"{name}_{variant}", 2, variant == "modality",
                              p.fixed[0, 0].numpy(), p.moving[0, 0].numpy(), p.truth_matrix.numpy()))

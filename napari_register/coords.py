@@ -269,6 +269,20 @@ def px_from_norm(m: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return h / h[..., 2:, 2:]
 
 
+def corners_px(shape: tuple[int, ...]) -> torch.Tensor:
+    """``(4, 2)`` float64 (x, y) pixel centres of the image corners: top-left, top-right,
+    bottom-right, bottom-left (the order of :func:`napari_register.data.photos.patch_corners`)."""
+    h, w = (float(s - 1) for s in shape)
+    return torch.tensor([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]], dtype=torch.float64)
+
+
+def corner_homography(offsets: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``H_px (B, 3, 3)`` (moving px from fixed px, (x, y)) that moves the image corners of
+    :func:`corners_px` by ``offsets (B, 4, 2)`` px (x, y); zero offsets give the identity."""
+    src = corners_px(shape).to(offsets.device)[None].expand(offsets.shape[0], 4, 2)
+    return fit_homography(src, src.to(offsets.dtype) + offsets)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``(B, C, *S)`` with ``sigma`` voxels on every axis (replicate edges)."""
     if sigma <= 0:

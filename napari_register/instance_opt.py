@@ -159,3 +159,43 @@ def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[
     yield from iter_optimise([theta], loss_fn, iterations, 0.01, stage=f"{stage} ({'x'.join(map(str, ashape))})",
                              lr_end=0.001, optimizer=Adam)
     return matrix().detach()
+
+
+def iter_corner_fit(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Tensor, steps: int,
+                    similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], lr: float = 0.5,
+                    blur: float = 8.0, stage: str = "homography fit", preview_every: int = 10,
+                    full: Callable[[torch.Tensor], torch.Tensor] = lambda m: m,
+                    ) -> Generator[Progress, None, tuple[torch.Tensor, float]]:
+    """Refine a 2D homography on one pair by its four corner offsets (8 numbers, so it stays a
+    homography), starting from ``matrix`` (norm frame, moving from fixed). ``similarity`` between
+    the warped moving and the fixed image, both blurred by a Gaussian whose sigma falls linearly
+    from ``blur`` px to 0 (coarse first: the fit reaches a minimum several px away); Adam at ``lr``
+    px per step. ``full`` maps the matrix to what previews show (e.g. after a pre-stage). Returns
+    ``(matrix, final loss)``."""
+    from .coords import corner_homography, corners_px, gaussian_blur, norm_from_px, px_from_norm
+
+    shape = tuple(fixed.shape[2:])
+    corners = corners_px(shape).to(fixed.device)
+    start = px_from_norm(matrix.double(), shape)
+    moved = torch.cat([corners, corners.new_ones(4, 1)], 1) @ start.T
+    base = (moved[:, :2] / moved[:, 2:] - corners)[None]  # the start's corner offsets, px (x, y)
+    delta = torch.zeros_like(base, requires_grad=True)
+    step = [0]
+
+    def current() -> torch.Tensor:
+        return norm_from_px(corner_homography(base + delta, shape), shape)[0].to(fixed.dtype)
+
+    def objective() -> tuple[torch.Tensor, torch.Tensor]:
+        mat = current()
+        warped = sample(moving, matrix_map(mat, shape))
+        sigma = blur * max(0.0, 1.0 - step[0] / steps)
+        step[0] += 1
+        if sigma > 0.3:
+            value = similarity(gaussian_blur(warped, sigma), gaussian_blur(fixed, sigma))
+        else:
+            value = similarity(warped, fixed)
+        return value, matrix_map(full(mat.detach()), shape)
+
+    loss = yield from iter_optimise([delta], objective, steps, lr, stage=stage, preview_every=preview_every)
+    with torch.no_grad():
+        return current(), loss

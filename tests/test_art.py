@@ -114,6 +114,14 @@ def test_trained_by_the_loop_and_registered_end_to_end(tmp_path):
     assert result.warped.shape == (60, 50) and result.homography is not None
     assert result.homography.matrix.shape == (3, 3) and np.isfinite(result.homography.matrix).all()
     assert np.isfinite(result.field.disp).all()
+    assert result.transform.as_matrix() is None  # the network's result is dense
+    # the homography fit: the result becomes the homography refined from the fitted one
+    fitted = register(moving, fixed, method="art", checkpoint=str(path), options={"fit_steps": 30, "fit_blur": 2.0})
+    np.testing.assert_allclose(fitted.transform.as_matrix(), fitted.homography.as_matrix(), atol=1e-6)
+    # the blob's centre (x 25, y 30) is at (24, 32) in the moving image
+    assert np.abs(fitted.map_points(np.array([[25.0, 30.0]])) - [24.0, 32.0]).max() < 0.5
+    with pytest.raises(ValueError, match="fit_steps must be >= 0"):
+        get_method("art")(2, torch.device("cpu"), str(path), fit_steps=-1)
     with pytest.raises(ValueError, match="steps must be in 1..2"):
         get_method("art")(2, torch.device("cpu"), str(path), steps=3)
 

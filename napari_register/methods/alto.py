@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import coords
+from ..coords import corner_homography, corners_px  # noqa: F401 - AltO's corner parameterisation
 from ..progress import Progress
 from .base import NetworkMethod
 from .registry import MethodOutput, register_method
@@ -46,20 +47,6 @@ RHO = 32.0  # corner perturbation of that protocol (px), also R's output scale
 
 
 # ----------------------------------------------------------------------------- homography helpers
-
-def corners_px(shape: Sequence[int]) -> torch.Tensor:
-    """``(4, 2)`` float64 (x, y) pixel centres of the image corners: top-left, top-right,
-    bottom-right, bottom-left (the order of :func:`napari_register.data.photos.patch_corners`)."""
-    h, w = (float(s - 1) for s in shape)
-    return torch.tensor([[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]], dtype=torch.float64)
-
-
-def corner_homography(offsets: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``H_px (B, 3, 3)`` (moving px from fixed px, (x, y)) that moves the image corners of
-    :func:`corners_px` by ``offsets (B, 4, 2)`` px (x, y); zero offsets give the identity."""
-    src = corners_px(shape).to(offsets.device)[None].expand(offsets.shape[0], 4, 2)
-    return coords.fit_homography(src, src.to(offsets.dtype) + offsets)
-
 
 def warp(moving: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``moving (B, C, *S)`` sampled through the norm-frame homographies ``m (B, 3, 3)``: the moving
@@ -195,11 +182,10 @@ class AltO(NetworkMethod):
     the homography is returned as a norm-frame matrix (resolution-free: the pipeline scales it to the
     images' physical grids). The affine pre-stage is off by default.
 
-    Instance optimisation (``io_steps``) fine-tunes a copy of R on the pair, only the bias of its
-    last layer, i.e. the four corner offsets themselves (8 numbers; the homography stays a
-    homography), with MIND-SSC between the warped moving and the fixed image, both blurred by a
-    Gaussian whose sigma falls linearly from ``io_blur`` px (working grid) to 0: coarse first, so
-    the fit reaches a minimum several px away. Adam at ``io_lr`` px per step."""
+    Instance optimisation (``io_steps``) refines R's homography on the pair by its four corner
+    offsets (:func:`napari_register.instance_opt.iter_corner_fit`: 8 numbers, the homography stays a
+    homography) with MIND-SSC, blurred from ``io_blur`` px (working grid) down to none, Adam at
+    ``io_lr`` px per step; the loaded network never changes."""
 
     dims = (2,)
     kind = "homography"
@@ -227,48 +213,28 @@ class AltO(NetworkMethod):
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
         # NetworkMethod.iter_run returns a map only; a homography method returns its matrix too, so
         # the pipeline exports an exact MatrixTransform.
-        from ..instance_opt import finetune_copy, iter_affine, iter_optimise
+        from ..instance_opt import iter_affine, iter_corner_fit
         from ..losses import get_similarity
 
         shape = tuple(fixed.shape[2:])
         affine: Optional[torch.Tensor] = None
-        net: nn.Module = self.net
+        start: Optional[torch.Tensor] = None
         if init is not None and isinstance(init.state, dict):  # continue a previous run on this pair
-            net, affine = init.state["net"], init.state["affine"]
+            start, affine = init.state["matrix"], init.state["affine"]
         elif self.affine_iterations:
             sim = get_similarity("lncc", window=self.affine_window)
             affine = yield from iter_affine(moving, fixed, sim, self.affine_iterations, stage="alto affine")
         if affine is not None:  # the network registers the pre-aligned image: M = affine @ network
             moving = coords.sample(moving, coords.matrix_map(affine, shape))
         full = (lambda m: affine.to(m.dtype) @ m) if affine is not None else (lambda m: m)
-        with torch.no_grad():
-            m = full(net.matrix(moving, fixed)[0])
-        yield Progress("network", 1, 1, map=coords.matrix_map(m, shape))
+        if start is None:
+            with torch.no_grad():
+                start = self.net.matrix(moving, fixed)[0]
+        m = start
+        yield Progress("network", 1, 1, map=coords.matrix_map(full(m), shape))
         loss = None
         if io_steps > 0:
-            net = finetune_copy(net).eval()  # the loaded model never changes; BatchNorm on its statistics
-            net.requires_grad_(False)
-            last = net.reg.head[-1]
-            last.bias.requires_grad_(True)  # R's output = offset_scale * (W h + b): b moves the corners
-            with torch.no_grad():  # R's features do not change: computed once
-                hidden = net.reg.head[:-1](net.reg.features(torch.cat([2 * moving - 1, 2 * fixed - 1], 1)))
-            sim = get_similarity("mind")
-            step = [0]
-
-            def objective() -> tuple[torch.Tensor, torch.Tensor]:
-                offsets = net.reg.offset_scale * last(hidden).view(-1, 4, 2)
-                mat = coords.norm_from_px(corner_homography(offsets, shape), shape)[0]
-                warped = coords.sample(moving, coords.matrix_map(mat, shape))
-                sigma = self.io_blur * max(0.0, 1.0 - step[0] / io_steps)
-                step[0] += 1
-                if sigma > 0.3:
-                    value = sim(coords.gaussian_blur(warped, sigma), coords.gaussian_blur(fixed, sigma))
-                else:
-                    value = sim(warped, fixed)
-                return value, coords.matrix_map(full(mat.detach()), shape)
-
-            loss = yield from iter_optimise([last.bias], objective, io_steps, self.io_lr / net.reg.offset_scale,
-                                            stage="alto instance optimisation", preview_every=self.io_preview_every)
-            with torch.no_grad():
-                m = full(net.matrix(moving, fixed)[0])
-        return MethodOutput(map=coords.matrix_map(m, shape), matrix=m, loss=loss, state={"net": net, "affine": affine})
+            m, loss = yield from iter_corner_fit(moving, fixed, start, io_steps, get_similarity("mind"), self.io_lr,
+                                                 self.io_blur, "alto instance optimisation", self.io_preview_every, full)
+        return MethodOutput(map=coords.matrix_map(full(m), shape), matrix=full(m), loss=loss,
+                            state={"matrix": m, "affine": affine})

@@ -296,13 +296,22 @@ class ART(NetworkMethod):
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
                  affine_iterations: int = 0, io_lr: float | None = None, io_lam_h: float = 0.05,
-                 io_window: int = 9, steps: int | None = None) -> None:
+                 io_window: int = 9, steps: int | None = None, fit_steps: int = 0, fit_similarity: str = "lncc",
+                 fit_lr: float = 0.25, fit_blur: float = 4.0) -> None:
         super().__init__(dim, device, checkpoint, affine_iterations=affine_iterations, io_lr=io_lr)
         self.io_lam_h, self.io_window = float(io_lam_h), int(io_window)
         # steps: stop after this many refinements (the step-efficiency experiment); default all
         self.steps = self.net.steps if steps is None else int(steps)
         if not 1 <= self.steps <= self.net.steps:
             raise ValueError(f"steps must be in 1..{self.net.steps} for this checkpoint, got {steps}")
+        # fit_steps: refine the fitted homography on the pair by its corners; the result is then it
+        if int(fit_steps) < 0 or fit_lr <= 0 or fit_blur < 0:
+            raise ValueError(f"fit_steps must be >= 0, fit_lr > 0 and fit_blur >= 0, got {fit_steps}, {fit_lr}, "
+                             f"{fit_blur}")
+        from ..losses import get_similarity
+
+        self.fit_steps, self.fit_lr, self.fit_blur = int(fit_steps), float(fit_lr), float(fit_blur)
+        self.fit_similarity = get_similarity(fit_similarity)
 
     build = staticmethod(build)
 
@@ -325,6 +334,13 @@ class ART(NetworkMethod):
 
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
                  init: MethodOutput | None = None):
+        from ..instance_opt import iter_corner_fit
+
         out = yield from super().iter_run(moving, fixed, io_steps, init)
-        out.homography = fit_homography(out.map)[0]
+        m = fit_homography(out.map)[0]
+        if self.fit_steps:
+            m, loss = yield from iter_corner_fit(moving, fixed, m, self.fit_steps, self.fit_similarity, self.fit_lr,
+                                                 self.fit_blur, "art homography fit")
+            out = MethodOutput(map=coords.matrix_map(m, tuple(fixed.shape[2:])), matrix=m, loss=loss, state=out.state)
+        out.homography = m
         return out
