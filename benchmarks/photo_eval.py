@@ -93,13 +93,14 @@ def estimators(args: argparse.Namespace) -> dict[str, Estimator]:
     from napari_register.methods.registry import list_methods
 
     if "art" in list_methods(2):
-        out["art"] = _ours("art", args.art_checkpoint)
-        out["art_io"] = _ours("art", args.art_checkpoint, io_steps=args.io_steps)
-        out["art_fit"] = _ours("art", args.art_checkpoint, options={"fit_steps": 100, **args.art_options})
+        net = {"fit_steps": 0}  # the network alone (the default refines its homography on the pair)
+        out["art"] = _ours("art", args.art_checkpoint, options=net)
+        out["art_io"] = _ours("art", args.art_checkpoint, io_steps=args.io_steps, options=net)
+        out["art_fit"] = _ours("art", args.art_checkpoint, options=args.art_options)
         for k in args.art_steps:
-            out[f"art_k{k}"] = _ours("art", args.art_checkpoint, options={"steps": k})
+            out[f"art_k{k}"] = _ours("art", args.art_checkpoint, options={"steps": k, **net})
         if args.ablation_checkpoint:
-            out["art_nocal"] = _ours("art", args.ablation_checkpoint)
+            out["art_nocal"] = _ours("art", args.ablation_checkpoint, options=net)
     if "alto" in list_methods(2):
         out["alto"] = _ours("alto", args.alto_checkpoint)
     return out
@@ -118,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--validation", action="store_true",
                     help="training photos and seeds instead of the benchmark's (for choosing settings)")
     ap.add_argument("--art-options", type=json.loads, default={},
-                    help="extra ART options as JSON, e.g. '{\"fit_steps\": 100}' (the art_fit row)")
+                    help="ART options of the art_fit row (the default method) as JSON, e.g. '{\"fit_blur\": 4}'")
     ap.add_argument("--out", help="run folder (default: a new benchmarks/results/<date>-photo-eval)")
     args = ap.parse_args(argv)
     record = provenance("photo_eval", argv)
@@ -146,7 +147,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = {v: {m: photos.score(e, THRESHOLDS) for m, e in ms.items()} for v, ms in errors.items()}
     lines = []
     for v, rows in table.items():
-        lines += [f"## {v} ({len(photos.PHOTOS)} photos x {args.seeds} seeds)", "",
+        pairs = len(next(iter(errors[v].values()), []))
+        lines += [f"## {v} ({pairs} pairs: {pairs // max(args.seeds, 1)} {'training' if args.validation else 'held-out'} "
+                  f"photos x {args.seeds} seeds)", "",
                   "| method | MACE mean (px) | median | < 3 px | < 5 px | < 10 px | AUC@10 | failed | s / pair |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for m, s in rows.items():

@@ -296,15 +296,17 @@ class ART(NetworkMethod):
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
                  affine_iterations: int = 0, io_lr: float | None = None, io_lam_h: float = 0.05,
-                 io_window: int = 9, steps: int | None = None, fit_steps: int = 0, fit_similarity: str = "lncc",
-                 fit_lr: float = 0.25, fit_blur: float = 4.0) -> None:
+                 io_window: int = 9, steps: int | None = None, fit_steps: int = 100, fit_similarity: str = "lncc",
+                 fit_lr: float = 0.5, fit_blur: float = 8.0) -> None:
         super().__init__(dim, device, checkpoint, affine_iterations=affine_iterations, io_lr=io_lr)
         self.io_lam_h, self.io_window = float(io_lam_h), int(io_window)
         # steps: stop after this many refinements (the step-efficiency experiment); default all
         self.steps = self.net.steps if steps is None else int(steps)
         if not 1 <= self.steps <= self.net.steps:
             raise ValueError(f"steps must be in 1..{self.net.steps} for this checkpoint, got {steps}")
-        # fit_steps: refine the fitted homography on the pair by its corners; the result is then it
+        # fit_steps: refine the fitted homography on the pair by its corners; the result is then it.
+        # The defaults won on validation pairs from the training photos (docs/methods/art.md); 0: the
+        # network's dense map
         if int(fit_steps) < 0 or fit_lr <= 0 or fit_blur < 0:
             raise ValueError(f"fit_steps must be >= 0, fit_lr > 0 and fit_blur >= 0, got {fit_steps}, {fit_lr}, "
                              f"{fit_blur}")
