@@ -7,8 +7,12 @@ variant ``len(PHOTOS) x seeds`` pairs. Per method: mean and median MACE (px, the
 corners), the acceptable rate (share of pairs under 3 / 5 / 10 px; a failed pair counts as
 unacceptable) and the AUC of the cumulative error curve up to 10 px (:func:`photos.score`). For a dense result the
 homography fitted to it is scored (ART returns one); ``optimize``'s dense map is scored at the
-corners. ``art_k<k>`` stops ART after ``k`` refinement steps (the step-efficiency curve);
-``art_nocal`` is the same recipe trained without cross-attention (``--ablation-checkpoint``).
+corners. ``art`` is ART's network alone, ``art_fit`` the method's default (its fitted homography
+refined on the pair), ``art_io`` the network fine-tuned on the pair; ``art_k<k>`` stops ART after
+``k`` refinement steps (the step-efficiency curve); ``art_nocal`` is the same recipe trained
+without cross-attention (``--ablation-checkpoint``); ``--art-snapshots`` adds rows for earlier
+checkpoints (the learning curve). ``--validation`` runs the same protocol on the *training*
+photos with other seeds: for choosing settings and checkpoints, never on a benchmark photo.
 """
 from __future__ import annotations
 
@@ -101,6 +105,9 @@ def estimators(args: argparse.Namespace) -> dict[str, Estimator]:
             out[f"art_k{k}"] = _ours("art", args.art_checkpoint, options={"steps": k, **net})
         if args.ablation_checkpoint:
             out["art_nocal"] = _ours("art", args.ablation_checkpoint, options=net)
+        for path in args.art_snapshots:  # the learning curve: earlier checkpoints of one run
+            out[f"art@{Path(path).stem}"] = _ours("art", path, options=net)
+            out[f"art_fit@{Path(path).stem}"] = _ours("art", path, options=args.art_options)
     if "alto" in list_methods(2):
         out["alto"] = _ours("alto", args.alto_checkpoint)
     return out
@@ -116,6 +123,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--alto-checkpoint", help="AltO checkpoint (default: the shipped alto-2d)")
     ap.add_argument("--art-steps", type=int, nargs="*", default=[1, 2], help="step-efficiency rows: stop after k")
     ap.add_argument("--io-steps", type=int, default=20, help="instance-optimisation steps of art_io")
+    ap.add_argument("--art-snapshots", nargs="*", default=[],
+                    help="earlier checkpoints of the ART run (rows art@<name>, art_fit@<name>: the learning curve)")
     ap.add_argument("--validation", action="store_true",
                     help="training photos and seeds instead of the benchmark's (for choosing settings)")
     ap.add_argument("--art-options", type=json.loads, default={},
@@ -125,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     record = provenance("photo_eval", argv)
     methods = estimators(args)
     if args.methods:
-        methods = {k: v for k, v in methods.items() if k in args.methods}
+        methods = {k: v for k, v in methods.items() if k in args.methods or "@" in k}
     out = Path(args.out) if args.out else new_run_dir("photo-eval")
     errors: dict[str, dict[str, list[float]]] = {v: {m: [] for m in methods} for v in args.variants}
     seconds: dict[str, list[float]] = {m: [] for m in methods}

@@ -26,6 +26,12 @@ Choices the paper leaves open, as built here:
 - Homography term: L1 (px) between the final map and the homography fitted to it by least
   squares (DLT over a grid of points), weight ``lam_h``; the point term: L2 (px) on ``points``
   random points per step against the ground-truth map, later steps weighted more (``gamma``).
+- Beyond the paper's loss, the recipe adds a cross-entropy on each step's attention against where
+  each fixed pixel's content truly is (:func:`attention_loss`), and trains the attention alone
+  first: without it the network did not move from the identity on the CPU (docs/methods/art.md).
+- Output: the dense map and the homography fitted to it; by default (``fit_steps``) that
+  homography is then refined on the pair by its four corners (LNCC, coarse to fine,
+  :func:`napari_register.instance_opt.iter_corner_fit`) and becomes the result.
 - Attention one feature level coarser than the step's grid (the first step attends at 12 x 12,
   where the fields start): a token then sees twice the context, and global matching learns several
   times faster on the CPU (docs/methods/art.md).
@@ -285,12 +291,14 @@ def homography_loss(phi: torch.Tensor) -> torch.Tensor:
 
 @register_method("art")
 class ART(NetworkMethod):
-    """Registered method: ART's network; the dense map is the result, the homography fitted to it
-    comes with it. Instance optimisation fine-tunes a copy with LNCC plus the homography term."""
+    """Registered method: ART's network gives a dense map and the homography fitted to it; by default
+    that homography is refined on the pair by its corners and is the result (``fit_steps=0``: the
+    dense map is). Instance optimisation fine-tunes a copy with LNCC plus the homography term."""
 
     dims = (2,)
     default_io_steps = 0
-    description = "ART: auto-regressive coarse-to-fine dense alignment of photos and 2D images, cross-attention guided"
+    description = ("ART: auto-regressive coarse-to-fine alignment of photos and 2D images, cross-attention guided; "
+                   "its homography refined on the pair")
     io_lr = 1e-4
     io_preview_every = 5
 
