@@ -54,6 +54,14 @@ class RegistrationResult:
         """Warp a moving label map (nearest neighbour, label set kept) onto the fixed grid."""
         return warp_image(labels, self.transform, self.fixed.geometry, labels=True)
 
+    @property
+    def matrix(self) -> Optional[np.ndarray]:
+        """The result as a homogeneous matrix, moving_phys_from_fixed_phys: a homography or affine
+        method's transform, else the homography fitted to a dense result; ``None`` for a dense
+        result without one. What ``homography.txt``, the plugin's writer and pre-alignment use."""
+        m = self.transform.as_matrix()
+        return m if m is not None or self.homography is None else self.homography.as_matrix()
+
     def map_points(self, fixed_points: np.ndarray) -> np.ndarray:
         """Fixed physical points ``(N, d)`` -> where they land in the moving image."""
         return self.transform.moving_from_fixed(np.asarray(fixed_points, dtype=np.float64))
@@ -341,9 +349,7 @@ def homography_first(result: RegistrationResult) -> MatrixTransform:
     """The matrix of a homography or affine method's result (``result.transform``), or the
     homography fitted to a dense one (``result.homography``, ART), to pass as ``prealign`` to a
     deformable run: "homography first, then deformable"."""
-    matrix = result.transform.as_matrix()
-    if matrix is None and result.homography is not None:
-        matrix = result.homography.as_matrix()
+    matrix = result.matrix
     if matrix is None:
         raise InputError(f"{result.method!r} gave a dense field, not a matrix; a pre-alignment needs a "
                          "homography or affine method, e.g. alto or art")

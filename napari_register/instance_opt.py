@@ -172,13 +172,13 @@ def iter_corner_fit(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Ten
     from ``blur`` px to 0 (coarse first: the fit reaches a minimum several px away); Adam at ``lr``
     px per step. ``full`` maps the matrix to what previews show (e.g. after a pre-stage). Returns
     ``(matrix, final loss)``."""
-    from .coords import corner_homography, corners_px, gaussian_blur, norm_from_px, px_from_norm
+    from .coords import apply_matrix, corner_homography, corners_px, gaussian_blur, norm_from_px, px_from_norm
 
     shape = tuple(fixed.shape[2:])
     corners = corners_px(shape).to(fixed.device)
     start = px_from_norm(matrix.double(), shape)
-    moved = torch.cat([corners, corners.new_ones(4, 1)], 1) @ start.T
-    base = (moved[:, :2] / moved[:, 2:] - corners)[None]  # the start's corner offsets, px (x, y)
+    # the start's corner offsets, px (x, y): the corners as a map (1, 2, 4) through its px matrix
+    base = (apply_matrix(start, corners.T[None])[0].T - corners)[None]
     delta = torch.zeros_like(base, requires_grad=True)
     step = [0]
 

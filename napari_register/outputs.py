@@ -291,11 +291,10 @@ def register_to_folder(pair: PairFiles, out: Path, *, method: Any = "optimize", 
     write(f"warped{ext}", lambda p: write_image(result.warped, p, protect=inputs))
     write("displacement.nii.gz", lambda p: gzip_rle(p, result.field.save))
     write("jacobian.nii.gz", lambda p: gzip_rle(p, lambda raw: write_image(result.jacobian, raw, protect=inputs)))
-    matrix = result.homography if result.homography is not None else result.transform
-    if matrix.as_matrix() is not None:  # a homography (fitted, or the result itself), as 3x3 text
+    if result.matrix is not None:  # a homography (the result itself, or fitted to it), as 3x3 text
         from .transforms import MatrixTransform
 
-        write("homography.txt", MatrixTransform(matrix.as_matrix()).save_txt)
+        write("homography.txt", MatrixTransform(result.matrix).save_txt)
     metrics: dict[str, Any] = {
         "method": result.method, "checkpoint": result.checkpoint, "io_steps": result.io_steps,
         "device": result.device, "seconds": round(result.seconds, 3), "fold_fraction": result.fold_fraction,

@@ -53,8 +53,7 @@ def result_layers(run: Run, products: RunProducts, points_style: Optional[dict] 
     """Role -> layer-data tuple for every result layer, all placed on the fixed image's grid; the grid
     and the magnitude hold no data until shown (:func:`show_result`)."""
     r = products.result
-    matrix = (r.homography if r.homography is not None else r.transform).as_matrix()
-    meta = (lambda role: {"metadata": run_metadata(run.number, role, r.field, matrix)})
+    meta = (lambda role: {"metadata": run_metadata(run.number, role, r.field, r.matrix)})
     name = run.name
     geom = r.fixed.geometry
     out = {"warped": image_layer(r.warped, f"{name} warped", **overlay_style(r.warped.rgb), **meta("warped"))}

@@ -132,7 +132,7 @@ class RegisterWidget(Container):
         with one (the homography fitted to ART's dense map)."""
         return [(f"{run.name} (matrix)", run) for run in self.session.runs
                 if run.fixed_layer is self.fixed.value and run.moving_layer is self.moving.value
-                and (run.result.transform.as_matrix() is not None or run.result.homography is not None)]
+                and run.result.matrix is not None]
 
     def _refresh_prealign(self) -> None:
         self.prealign.reset_choices()
