@@ -231,10 +231,13 @@ def matrix_map(matrix: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return apply_matrix(matrix, identity_map(tuple(shape), matrix.device, matrix.dtype))
 
 
-def fit_homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+def fit_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor | None = None,
+                   exact: bool = False) -> torch.Tensor:
     """``(..., 3, 3)`` homographies (h33 = 1) with ``dst ~ H src`` for 2D point sets ``(..., N, 2)``:
-    the DLT equations, solved exactly for N = 4 and by least squares for more; float64 inside,
-    differentiable, returned in ``dst``'s dtype."""
+    the DLT equations, solved exactly for N = 4 and by least squares for more (each point's two
+    equations scaled by ``sqrt(weights (..., N))`` when given: 0 drops a point); float64 inside,
+    differentiable, returned in ``dst``'s dtype. ``exact``: four points whose system may be singular
+    (random samples) give non-finite entries instead of an error."""
     if src.shape != dst.shape or src.shape[-1] != 2 or src.shape[-2] < 4:
         raise ValueError(f"fit_homography: expected two (..., N >= 4, 2) point sets, got {tuple(src.shape)} "
                          f"and {tuple(dst.shape)}")
@@ -244,6 +247,15 @@ def fit_homography(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     a = torch.cat([torch.stack([x, y, o, z, z, z, -u * x, -u * y], -1),
                    torch.stack([z, z, z, x, y, o, -v * x, -v * y], -1)], -2)  # (..., 2N, 8)
     rhs = torch.cat([u, v], -1)
+    if weights is not None:
+        r = weights.double().sqrt().repeat(*[1] * (weights.dim() - 1), 2)
+        a, rhs = a * r[..., None], rhs * r
+        return torch.cat([torch.linalg.lstsq(a, rhs[..., None]).solution[..., 0], o[..., :1]], -1).view(
+            *a.shape[:-2], 3, 3).to(dst.dtype)
+    if exact and src.shape[-2] == 4:
+        h, info = torch.linalg.solve_ex(a, rhs)
+        h = torch.where((info == 0)[..., None], h, torch.full_like(h, float("nan")))
+        return torch.cat([h, o[..., :1]], -1).view(*h.shape[:-1], 3, 3).to(dst.dtype)
     h = torch.linalg.solve(a, rhs) if src.shape[-2] == 4 else torch.linalg.lstsq(a, rhs[..., None]).solution[..., 0]
     return torch.cat([h, o[..., :1]], -1).view(*h.shape[:-1], 3, 3).to(dst.dtype)
 

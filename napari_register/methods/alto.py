@@ -29,6 +29,7 @@ order, the photo source's ``truth_matrix``); ``M`` is the same map as moving_nor
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Generator, Optional, Sequence
 
@@ -60,30 +61,95 @@ def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module
     return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class Regressor(nn.Module):
-    """R: ``(moving, fixed) (B, 1, S, S)`` -> corner offsets ``(B, 4, 2)`` px (x, y), DHN-style."""
+class Matcher(nn.Module):
+    """R: ``(moving, fixed) (B, 1, S, S)`` -> ``H_px (B, 3, 3)``, a correlation matcher (IHN's design
+    without its iterations) on a modality-independent front end.
 
-    def __init__(self, size: int = TRAIN_SIZE, widths: Sequence[int] = (16, 32, 64, 64), hidden: int = 128,
-                 offset_scale: float = RHO) -> None:
+    Each image's MIND-SSC descriptor (4 channels in 2D, blurred ``blur`` px first) is averaged over
+    ``level`` x ``level`` cells and stacked with its 3 x 3 neighbours: one 36-d token per cell. A
+    learned residual head (two 3x3 convs, the second zero at start) refines the tokens; they are
+    centred and normalised, every fixed token is correlated with every moving token (``/ tau``,
+    learned), and the soft-argmax gives its matching moving position with the peak probability as
+    confidence. Mutual best matches enter a RANSAC (``hypotheses`` 4-point fits, inliers within
+    ``1.5 level`` px, no gradient), and the homography is the confidence-weighted DLT over the inliers
+    of the best one, refitted once on its own inliers: the soft positions carry the gradient to the
+    head and ``tau``. Under ``min_inliers`` inliers the pair gets the identity."""
+
+    def __init__(self, level: int = 4, width: int = 64, blur: float = 1.0, hypotheses: int = 1000,
+                 min_inliers: int = 8) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        cin = 2
-        for w in widths:
-            layers += _conv_bn(cin, w) + _conv_bn(w, w) + [nn.MaxPool2d(2)]
-            cin = w
-        self.features = nn.Sequential(*layers)
-        side = size // 2 ** len(widths)
-        if side < 1 or size % 2 ** len(widths):
-            raise ValueError(f"Regressor: size {size} must be divisible by 2^{len(widths)} (one pool per stage)")
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, 8))
-        nn.init.zeros_(self.head[-1].weight)  # identity at the start
+        self.level, self.blur, self.hypotheses, self.min_inliers = int(level), float(blur), int(hypotheses), int(min_inliers)
+        c = 4 * 9  # MIND-SSC channels in 2D, times the 3 x 3 neighbourhood
+        self.head = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(width, c, 3, padding=1))
+        nn.init.zeros_(self.head[-1].weight)  # the raw descriptors at the start
         nn.init.zeros_(self.head[-1].bias)
-        self.offset_scale = float(offset_scale)
+        self.log_tau = nn.Parameter(torch.tensor(math.log(0.003)))
+
+    def tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, S, S)`` -> ``(B, 36, S / level, S / level)`` normalised tokens."""
+        from ..losses import mind_ssc
+
+        d = F.avg_pool2d(mind_ssc(coords.gaussian_blur(image, self.blur)), self.level)
+        b, _, h, w = d.shape
+        t = F.unfold(d, 3, padding=1).view(b, -1, h, w)
+        t = t + self.head(t)
+        return F.normalize(t - t.mean(1, keepdim=True), dim=1)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([2 * moving - 1, 2 * fixed - 1], 1)
-        return self.offset_scale * self.head(self.features(x)).view(-1, 4, 2)
+        tm, tf = self.tokens(moving), self.tokens(fixed)
+        b, _, h, w = tf.shape
+        rows, cols = torch.meshgrid(torch.arange(h, dtype=tf.dtype), torch.arange(w, dtype=tf.dtype), indexing="ij")
+        centres = (torch.stack([cols, rows], -1).view(-1, 2) * self.level + (self.level - 1) / 2).to(tf.device)
+        sim = tf.flatten(2).transpose(1, 2) @ tm.flatten(2) / self.log_tau.exp()  # (B, fixed, moving)
+        prob = sim.softmax(-1)
+        dst = prob @ centres  # (B, N, 2) moving px (x, y)
+        conf = prob.amax(-1)
+        with torch.no_grad():
+            best = sim.argmax(-1)
+            mutual = sim.argmax(1).gather(1, best) == torch.arange(h * w, device=tf.device)
+        src = centres[None].expand(b, -1, -1)
+        tol = 1.5 * self.level
+        with torch.no_grad():
+            score = torch.where(mutual, conf, torch.full_like(conf, -1.0))
+            inl = _inliers(_ransac(src, dst, score, tol, self.hypotheses), src, dst, mutual, tol)
+        hom = coords.fit_homography(src, dst, conf * inl + 1e-6)  # + 1e-6: well-posed without inliers
+        with torch.no_grad():  # refit once on the inliers of the fit itself
+            inl = _inliers(hom, src, dst, mutual, tol)
+        hom = coords.fit_homography(src, dst, conf * inl + 1e-6)  # + 1e-6: well-posed without inliers
+        ok = (inl.sum(-1) >= self.min_inliers) & torch.isfinite(hom).all(-1).all(-1)
+        eye = torch.eye(3, dtype=hom.dtype, device=hom.device).expand_as(hom)
+        return torch.where(ok[:, None, None], torch.nan_to_num(hom), eye)
+
+
+def _map_points(hom: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """Points ``(..., N, 2)`` (x, y) through homographies ``(..., 3, 3)``, in ``hom``'s dtype."""
+    p = torch.cat([pts, torch.ones_like(pts[..., :1])], -1).to(hom.dtype) @ hom.transpose(-1, -2)
+    return p[..., :2] / p[..., 2:]
+
+
+def _inliers(hom: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor, tol: float) -> torch.Tensor:
+    """``(..., N)`` points whose ``hom``-mapped ``src`` lies within ``tol`` px of ``dst`` (and ``valid``)."""
+    err = (_map_points(hom, src) - dst.to(hom.dtype)).norm(dim=-1)
+    return (err < tol) & valid
+
+
+@torch.no_grad()
+def _ransac(src: torch.Tensor, dst: torch.Tensor, score: torch.Tensor, tol: float, hypotheses: int,
+            keep: int = 256) -> torch.Tensor:
+    """The best ``(B, 3, 3)`` of ``hypotheses`` homographies fitted to 4 random matches among the
+    ``keep`` best-scoring ones of each pair (``score`` < 0: not a candidate), by inlier count among
+    them; a fixed seed, so the method is deterministic."""
+    b, n = score.shape
+    top, idx = score.topk(min(keep, n), -1)  # valid candidates first
+    count = (top >= 0).sum(-1).clamp(min=1)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    r = (torch.rand(b, hypotheses, 4, generator=gen).to(score.device) * count[:, None, None]).long()
+    pick = idx.gather(1, r.flatten(1)).view(b, hypotheses, 4, 1).expand(-1, -1, -1, 2)
+    take = lambda pts: pts[:, None].expand(-1, hypotheses, -1, -1).gather(2, pick)  # noqa: E731
+    hom = coords.fit_homography(take(src), take(dst), exact=True)
+    cand = idx[..., None].expand(-1, -1, 2)
+    inl = _inliers(hom, src.gather(1, cand)[:, None], dst.gather(1, cand)[:, None], (top >= 0)[:, None], tol)
+    return hom[torch.arange(b), inl.sum(-1).argmax(-1)]
 
 
 class BasicBlock(nn.Module):
@@ -132,17 +198,19 @@ class AltONet(nn.Module):
     """R, E and P of AltO. ``forward(moving, fixed)`` on ``(B, 1, size, size)`` -> map ``(B, 2, size, size)``
     (moving_norm_from_fixed_norm); :meth:`matrix` gives the norm-frame homographies ``(B, 3, 3)``."""
 
-    def __init__(self, dim: int = 2, size: int = TRAIN_SIZE, offset_scale: float = RHO,
-                 reg_widths: Sequence[int] = (16, 32, 64, 64), reg_hidden: int = 128,
-                 enc_widths: Sequence[int] = (32, 32, 64, 128), enc_blocks: Sequence[int] = (1, 1, 1)) -> None:
+    def __init__(self, dim: int = 2, size: int = TRAIN_SIZE, level: int = 4, width: int = 64, blur: float = 1.0,
+                 hypotheses: int = 1000, enc_widths: Sequence[int] = (32, 32, 64, 128),
+                 enc_blocks: Sequence[int] = (1, 1, 1)) -> None:
         super().__init__()
         if dim != 2:
             raise ValueError(f"AltO estimates 2D homographies; dim must be 2, got {dim}")
         if len(enc_widths) != 4 or len(enc_blocks) != 3 or min(enc_blocks) < 1:
             raise ValueError(f"enc_widths needs 4 widths (stem, layer 1, 2, 3) and enc_blocks 3 counts >= 1, "
                              f"got {enc_widths} and {enc_blocks}")
+        if int(size) % int(level) or int(size) // int(level) < 4:
+            raise ValueError(f"AltO: size {size} must be a multiple of level {level}, with at least 4 cells a side")
         self.dim, self.size = dim, int(size)
-        self.reg = Regressor(self.size, tuple(reg_widths), int(reg_hidden), offset_scale)
+        self.reg = Matcher(level, width, blur, hypotheses)
         self.enc = Encoder(tuple(enc_widths), tuple(enc_blocks))
         self.proj = Projector(tuple(enc_widths), tuple(enc_blocks))
 
@@ -152,14 +220,15 @@ class AltONet(nn.Module):
             raise ValueError(f"AltO needs moving and fixed of shape (B, 1, {self.size}, {self.size}), got "
                              f"{tuple(moving.shape)} and {tuple(fixed.shape)}; resize to {self.size}x{self.size}")
 
-    def offsets(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """R's corner offsets ``(B, 4, 2)`` in px (x, y) of the ``size`` grid."""
+    def homography_px(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``H_px (B, 3, 3)``: moving px from fixed px (x, y) on the ``size`` grid."""
         self._check(moving, fixed)
         return self.reg(moving, fixed)
 
-    def homography_px(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """``H_px (B, 3, 3)``: moving px from fixed px (x, y) on the ``size`` grid."""
-        return corner_homography(self.offsets(moving, fixed), (self.size, self.size))
+    def offsets(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The corners' offsets ``(B, 4, 2)`` in px (x, y) of the ``size`` grid (the paper's output)."""
+        corners = corners_px((self.size, self.size)).to(moving.device)
+        return _map_points(self.homography_px(moving, fixed), corners) - corners
 
     def matrix(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """``M (B, 3, 3)``: moving_norm_from_fixed_norm, (row, col)."""

@@ -98,11 +98,11 @@ def recipe(settings: RunSettings, options: dict[str, Any]) -> Recipe:
     if settings.shape and tuple(settings.shape) != (size, size):
         raise ValueError(f"AltO trains on square {size}x{size} pairs (recipe option size); --shape "
                          f"{list(settings.shape)} disagrees: leave --shape out")
-    clash = sorted(set(settings.config) & {"dim", "size", "offset_scale"})
+    clash = sorted(set(settings.config) & {"dim", "size"})
     if clash:
-        raise ValueError(f"--config {clash}: set the image side and corner range with --recipe-options "
-                         "size / rho (the data and the network share them)")
-    config = {"dim": 2, "size": size, "offset_scale": float(o["rho"]), **settings.config}
+        raise ValueError(f"--config {clash}: set the image side with --recipe-options size (the data and the "
+                         "network share it)")
+    config = {"dim": 2, "size": size, **settings.config}
     build(**config)  # fail now on a bad config
     source = PhotoPairs("train", size=size, rho=float(o["rho"]), batch=settings.batch, seed=settings.seed,
                         modality=float(o["modality"]), photometric=float(o["photometric"]))
