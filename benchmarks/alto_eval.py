@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="LABEL=CHECKPOINT (a shipped name or a path); repeat for several (default: alto=alto-2d)")
     p.add_argument("--io-steps", type=int, nargs="+", default=[0, 150],
                    help="AltO's instance-optimisation steps (MIND corner fit), one row each (default 0 150)")
-    p.add_argument("--variants", nargs="+", default=["clean", "modality"], choices=sorted(photos.VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["clean", "modality", "multimodal"], choices=sorted(photos.VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="case seeds (6 photos each)")
     p.add_argument("--peers", default="identity,optimize,optimize_mind,opencv_sift,elastix_affine_bspline",
                    help="comma-separated peers (those not installed are skipped and reported)")

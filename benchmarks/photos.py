@@ -29,7 +29,8 @@ PHOTOS = BENCHMARK_PHOTOS
 SIZE, PATCH, RHO = 192, 128, 32
 BENCHMARK_SEED = 1_000_000_000
 VARIANTS = {"clean": {}, "degraded": {"scale": (0.85, 0.85), "elastic": 1.0, "photometric": 1.0},
-            "modality": {"modality": 1.0, "modes": ("sine",)}}
+            "modality": {"modality": 1.0, "modes": ("sine",)},
+            "multimodal": {"modality": 1.0}}  # each pair one of the four changes (sine, inversion, channel mix, edges)
 
 
 @dataclass
@@ -59,7 +60,7 @@ def cases(variant: str = "clean", n: int | None = None, seed: int = 0, validatio
     for i, name in enumerate(names[:n]):
         gen = torch.Generator().manual_seed(base + 1000 * seed + i)
         p = make_pair(name, gen, size=PATCH, rho=RHO, view=SIZE, **VARIANTS[variant])
-        out.append(PhotoCase(f"photos_{variant}", f"{name}_{variant}", 2, variant == "modality",
+        out.append(PhotoCase(f"photos_{variant}", f"{name}_{variant}", 2, "modality" in VARIANTS[variant],
                              p.fixed[0, 0].numpy(), p.moving[0, 0].numpy(), p.truth_matrix.numpy()))
     return out
 

@@ -41,16 +41,19 @@ def _warm_ours() -> None:
 
 def ours(method: str, io_steps: int = 0, options: Optional[dict] = None, label: str = "",
          dims: tuple[int, ...] = (2, 3), modalities: tuple[str, ...] = ("mono",),
-         checkpoint: Optional[str] = None) -> peers.Peer:
-    """A harness runner for one of our methods (``api.register`` -> ITK displacement field)."""
+         checkpoint: Optional[str] = None, seed_with: Optional[peers.Peer] = None) -> peers.Peer:
+    """A harness runner for one of our methods (``api.register`` -> ITK displacement field).
+    ``seed_with``: another of these runners (a homography method) run first on the pair, its matrix
+    the pre-alignment of this one ("homography first, then deformable"); both are timed."""
 
-    def run(pair: Pair):
-        from napari_register.api import register
+    def run(pair: Pair, matrix_only: bool = False):
+        from napari_register.api import homography_first, register
         from napari_register.image import from_sitk
 
+        prealign = homography_first(seed_with.run(pair, matrix_only=True)) if seed_with else None
         res = register(from_sitk(pair.moving), from_sitk(pair.fixed), method=method, io_steps=io_steps,
-                       options=options, device=DEVICE, checkpoint=checkpoint)
-        return res.field.to_sitk()
+                       options=options, device=DEVICE, checkpoint=checkpoint, prealign=prealign)
+        return res if matrix_only else res.field.to_sitk()
 
     return peers.Peer(run=run, dims=dims, modalities=modalities, label=label or method, warm=_warm_ours)
 
@@ -70,7 +73,13 @@ OURS = {
     "ran_io": ours("ran", io_steps=50, label="ours: RAN + IO 50"),
     "art": ours("art", label="ours: ART", dims=(2,), modalities=("mono", "multi")),
     "art_io": ours("art", io_steps=50, label="ours: ART + IO 50", dims=(2,), modalities=("mono", "multi")),
+    "alto": ours("alto", label="ours: AltO (+ corner fit)", dims=(2,), modalities=("mono", "multi")),
 }
+OURS["alto_optimize"] = ours("optimize", options={"affine_iterations": 0}, label="ours: AltO homography, then optimize (LNCC)",
+                             dims=(2,), modalities=("mono", "multi"), seed_with=OURS["alto"])
+OURS["alto_optimize_mind"] = ours("optimize", options={"similarity": "mind", "affine_iterations": 0},
+                                  label="ours: AltO homography, then optimize (MIND)", dims=(2,),
+                                  modalities=("mono", "multi"), seed_with=OURS["alto"])
 QUICK_PEERS = ("identity", "sitk_demons", "elastix_bspline", "elastix_affine_bspline", "opencv_sift")
 
 

@@ -3,6 +3,7 @@ the ablation, and the registered method on the pipeline."""
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ from napari_register.coords import Geometry
 from napari_register.coords import norm_from_px, px_from_norm
 from napari_register.data.photos import make_pair
 from napari_register.image import Image
-from napari_register.methods.alto import AltONet, build, corner_homography, corners_px, warp
+from napari_register.methods.alto import AltONet, _ransac, build, corner_homography, corners_px, warp
 from napari_register.methods.registry import get_method
 from napari_register.training import build_parser
 from napari_register.training.loop import train
@@ -22,7 +23,7 @@ from napari_register.training.recipes import alto as alto_recipe
 from napari_register.transforms import MatrixTransform
 
 torch.set_num_threads(1)
-TINY = {"reg_widths": [4, 4], "reg_hidden": 8, "enc_widths": [4, 4, 8, 8]}
+TINY = {"width": 4, "hypotheses": 64, "enc_widths": [4, 4, 8, 8]}
 
 
 def _random_h(gen: torch.Generator, n: int = 3, side: int = 40, rho: float = 6.0) -> torch.Tensor:
@@ -78,15 +79,43 @@ def test_a_known_homography_warps_as_expected():
     torch.testing.assert_close(out[0, 0, y, x], expect)
 
 
-def test_zero_offsets_give_the_identity():
-    torch.testing.assert_close(corner_homography(torch.zeros(2, 4, 2), (32, 32)), torch.eye(3).expand(2, 3, 3))
-    net = AltONet(size=32, **TINY).eval()  # R's last layer starts at zero
-    x = torch.rand(2, 1, 32, 32)
-    torch.testing.assert_close(net.offsets(x, x.flip(-1)), torch.zeros(2, 4, 2))
-    torch.testing.assert_close(net.matrix(x, x.flip(-1)), torch.eye(3).expand(2, 3, 3))
-    torch.testing.assert_close(net(x, x), coords.identity_map((32, 32)).expand(2, 2, 32, 32))
-    with pytest.raises(ValueError, match=r"\(B, 1, 32, 32\)"):
+def _texture(seed: int, side: int = 128) -> torch.Tensor:
+    img = coords.gaussian_blur(torch.rand(1, 1, side, side, generator=torch.Generator().manual_seed(seed)), 2.0)
+    return (img - img.min()) / (img.max() - img.min())
+
+
+def _mace(h: torch.Tensor, truth: torch.Tensor, side: int) -> float:
+    c = corners_px((side, side)).numpy()
+    return float(np.linalg.norm(coords.apply_h(h.double().numpy(), c) - coords.apply_h(truth.double().numpy(), c), axis=1).mean())
+
+
+def test_the_untrained_matcher_finds_a_homography_across_a_modality_change():
+    # R at its start (the head adds zero): MIND tokens, soft-argmax, RANSAC, weighted DLT
+    net = AltONet().eval()
+    img = _texture(0)
+    truth = corner_homography(torch.tensor([[[9.0, -6], [-7, 8], [6, 5], [-8, -4]]]), (128, 128))
+    moving = warp(img, torch.linalg.inv(norm_from_px(truth, (128, 128))))  # moving(H x) = fixed(x)
+    with torch.no_grad():
+        for m in (moving, 1 - moving, 0.5 + 0.5 * torch.sin(3 * math.pi * moving)):  # same, inverted, non-monotonic
+            assert _mace(net.homography_px(m, img)[0], truth[0], 128) < 1.5
+        assert _mace(net.homography_px(img, img)[0], torch.eye(3), 128) < 0.1
+        flat = torch.full((1, 1, 128, 128), 0.5)  # nothing to match: the identity, not a guess
+        torch.testing.assert_close(net.homography_px(flat, flat)[0], torch.eye(3))
+    with pytest.raises(ValueError, match=r"\(B, 1, 128, 128\)"):
         net(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16))
+    net.offsets(img, img)  # the corner parameterisation of the paper
+
+
+def test_ransac_recovers_a_homography_from_matches_with_most_of_them_wrong():
+    gen = torch.Generator().manual_seed(4)
+    h = _random_h(gen, n=2, side=100, rho=15)
+    src = torch.rand(2, 200, 2, generator=gen, dtype=torch.float64) * 100
+    dst = torch.from_numpy(np.stack([coords.apply_h(h[k].numpy(), src[k].numpy()) for k in range(2)]))
+    wrong = torch.rand(2, 200, generator=gen) < 0.6
+    dst = torch.where(wrong[..., None], torch.rand(2, 200, 2, generator=gen, dtype=torch.float64) * 100, dst)
+    best = _ransac(src, dst, torch.ones(2, 200, dtype=torch.float64), 2.0, 300)
+    for k in range(2):
+        assert _mace(best[k], h[k], 100) < 0.5
 
 
 # ----------------------------------------------------------------------------- training through the loop

@@ -569,7 +569,7 @@ def test_homography_first_then_deformable_from_the_widget(viewer_widgets, qtbot,
     offered = (lambda: [c for c in reg.prealign.choices if c is not None])  # noqa: E731
     assert reg.prealign.value is None and offered() == [] and reg.prealign.native.isHidden()
 
-    tiny = {"reg_widths": [4, 4], "reg_hidden": 8, "enc_widths": [4, 4, 8, 8]}
+    tiny = {"width": 4, "hypotheses": 64, "enc_widths": [4, 4, 8, 8]}
     ckpt = train(build_parser().parse_args([
         "--method", "alto", "--dim", "2", "--out", str(tmp_path / "alto.pt"), "--steps", "1", "--batch", "2",
         "--save-every", "1", "--threads", "1", "--config", json.dumps(tiny), "--recipe-options", '{"size": 128}']))

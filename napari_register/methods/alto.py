@@ -3,15 +3,14 @@ Optimization", arXiv 2411.13036): a 2D homography network trained without ground
 
 Three parts, one module (:class:`AltONet`), so the generic loop saves and resumes them together:
 
-* ``reg`` - the registration network R (:class:`Regressor`): a DHN-style VGG regressor on the
-  2-channel stacked pair (``[2 m - 1, 2 f - 1]``, 128 x 128): per stage two 3x3 conv + BN + ReLU and
-  a 2x2 max-pool, four stages (widths ``reg_widths``, default 16-32-64-64, DHN's 64-64-128-128
-  quartered/halved), then the 8 x 8 map flattened through a hidden FC layer (``reg_hidden``, DHN: 1024)
-  to the 8 corner offsets. The last layer starts at zero (identity) and its output is scaled by
-  ``offset_scale`` px. The four offsets are solved to a 3x3 homography by the DLT
-  (:func:`corner_homography`, ``coords.fit_homography``, differentiable).
-  The authors pair AltO with DHN (a ResNet-34 regressor in their code), IHN, RAFT or RHWF; this is
-  the smallest of them, cut to what two CPU cores train in an hour.
+* ``reg`` - the registration network R (:class:`Matcher`): a correlation matcher in IHN's family
+  (Siamese features, a cost volume, no regression head): MIND-SSC tokens of both images refined by
+  a learned residual head, every fixed token's soft-argmax match among the moving tokens, and the
+  homography of the confidence-weighted DLT over the inliers of a RANSAC. It returns the 3x3
+  homography; its four corner offsets (:meth:`AltONet.offsets`) are the paper's parameterisation.
+  The DHN regressor this replaced never left the identity in CPU training (docs/methods/alto.md);
+  the MIND front end makes R modality-independent from its first step, and AltO's geometry phase
+  trains the head and the temperature.
 * ``enc`` - the encoder E (:class:`Encoder`): ResNet-34's stem *without* the max-pool after the
   first (7x7, stride 2) convolution, then layers 1-2: features ``(B, enc_widths[2], H/4, W/4)``.
   Reduced for the CPU: widths halved (stem/layer 1/layer 2: 32/32/64 instead of 64/64/128) and one
@@ -44,7 +43,7 @@ from .base import NetworkMethod
 from .registry import MethodOutput, register_method
 
 TRAIN_SIZE = 128  # the AltO / DeepHomography protocol: 128 x 128 pairs
-RHO = 32.0  # corner perturbation of that protocol (px), also R's output scale
+RHO = 32.0  # corner perturbation of that protocol (px)
 
 
 # ----------------------------------------------------------------------------- homography helpers
@@ -73,7 +72,9 @@ class Matcher(nn.Module):
     confidence. Mutual best matches enter a RANSAC (``hypotheses`` 4-point fits, inliers within
     ``1.5 level`` px, no gradient), and the homography is the confidence-weighted DLT over the inliers
     of the best one, refitted once on its own inliers: the soft positions carry the gradient to the
-    head and ``tau``. Under ``min_inliers`` inliers the pair gets the identity."""
+    head and ``tau``. The pair gets the identity instead under ``min_inliers`` inliers, or when the
+    fit sends a corner towards the horizon or more than half the image away (a mismatch, not a
+    registration)."""
 
     def __init__(self, level: int = 4, width: int = 64, blur: float = 1.0, hypotheses: int = 1000,
                  min_inliers: int = 8) -> None:
@@ -117,6 +118,12 @@ class Matcher(nn.Module):
             inl = _inliers(hom, src, dst, mutual, tol)
         hom = coords.fit_homography(src, dst, conf * inl + 1e-6)  # + 1e-6: well-posed without inliers
         ok = (inl.sum(-1) >= self.min_inliers) & torch.isfinite(hom).all(-1).all(-1)
+        with torch.no_grad():  # a fit that sends a corner to the horizon or half an image away is a mismatch
+            side = float(h * self.level)
+            corners = corners_px((h * self.level, w * self.level)).to(hom.device, hom.dtype)
+            denom = (torch.cat([corners, torch.ones_like(corners[:, :1])], -1) @ torch.nan_to_num(hom)[:, 2].unsqueeze(-1))[..., 0]
+            moved = (_map_points(torch.nan_to_num(hom), corners) - corners).norm(dim=-1)
+            ok &= (denom > 0.1).all(-1) & (moved < side / 2).all(-1)
         eye = torch.eye(3, dtype=hom.dtype, device=hom.device).expand_as(hom)
         return torch.where(ok[:, None, None], torch.nan_to_num(hom), eye)
 
@@ -274,8 +281,8 @@ class AltO(NetworkMethod):
             raise ValueError(f"io_blur must be >= 0 px (0: no coarse start), got {io_blur}")
 
     def working_shape(self, shape: tuple[int, ...], spacing_xyz: tuple[float, ...]) -> tuple[int, ...]:
-        # R's fully connected head fixes its input size: every image is resized to it (the norm-frame
-        # matrix it returns holds for any grid of the same extent).
+        # R is trained at this size (its cells, head and tolerances are in these pixels): every image is
+        # resized to it (the norm-frame matrix it returns holds for any grid of the same extent).
         return (self.net.size, self.net.size)
 
     def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
