@@ -247,3 +247,30 @@ def test_the_method_refuses_3d(checkpoint):
     vol = Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), Geometry.default((8, 8, 8)))
     with pytest.raises(ValueError, match="does not register 3D"):
         register(vol, vol, method="alto", checkpoint=str(checkpoint), device="cpu")
+
+
+def test_the_homography_is_written_as_3x3_text_and_as_an_itk_transform(checkpoint, tmp_path):
+    # ITK has no 2D perspective transform class: the ITK export is the displacement field, which must
+    # move every fixed point as the homography does (up to its linear interpolation between pixels)
+    import SimpleITK as sitk
+
+    from napari_register.image import write_image
+    from napari_register.outputs import PairFiles, register_to_folder
+
+    img = _texture(5, 96)
+    truth = corner_homography(torch.tensor([[[4.0, -3], [-3, 4], [3, 3], [-4, -2]]]), (96, 96))
+    moving = warp(img, torch.linalg.inv(norm_from_px(truth, (96, 96))))
+    geo = Geometry((96, 96), (0.5, 0.5), (3.0, -2.0), np.eye(2))
+    for name, t in (("m.nii.gz", moving), ("f.nii.gz", img)):
+        write_image(Image(t[0, 0].numpy(), geo), tmp_path / name)
+    out = tmp_path / "out"
+    register_to_folder(PairFiles(str(tmp_path / "m.nii.gz"), str(tmp_path / "f.nii.gz")), out, method="alto",
+                       checkpoint=str(checkpoint), io_steps=20, device="cpu")
+    h = np.loadtxt(out / "homography.txt")
+    assert h.shape == (3, 3) and not np.allclose(h, np.eye(3))
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    assert field.GetSpacing() == (0.5, 0.5) and field.GetOrigin() == (3.0, -2.0)
+    tx = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    pts = np.array([[10.0, 5.0], [20.3, 30.1], [40.0, 12.5]])  # physical (x, y) inside the fixed grid
+    for p in pts:
+        np.testing.assert_allclose(tx.TransformPoint(tuple(p)), coords.apply_h(h, p[None])[0], atol=1e-3)
