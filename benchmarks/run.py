@@ -73,13 +73,14 @@ OURS = {
     "ran_io": ours("ran", io_steps=50, label="ours: RAN + IO 50"),
     "art": ours("art", label="ours: ART", dims=(2,), modalities=("mono", "multi")),
     "art_io": ours("art", io_steps=50, label="ours: ART + IO 50", dims=(2,), modalities=("mono", "multi")),
-    "alto": ours("alto", label="ours: AltO (+ corner fit)", dims=(2,), modalities=("mono", "multi")),
+    "alto": ours("alto", io_steps=150, label="ours: AltO + corner fit 150 (default)", dims=(2,),
+                 modalities=("mono", "multi")),
 }
-OURS["alto_optimize"] = ours("optimize", options={"affine_iterations": 0}, label="ours: AltO homography, then optimize (LNCC)",
-                             dims=(2,), modalities=("mono", "multi"), seed_with=OURS["alto"])
-OURS["alto_optimize_mind"] = ours("optimize", options={"similarity": "mind", "affine_iterations": 0},
-                                  label="ours: AltO homography, then optimize (MIND)", dims=(2,),
-                                  modalities=("mono", "multi"), seed_with=OURS["alto"])
+# "homography first, then deformable": optimize keeps its own affine stage after AltO's homography
+OURS["alto_optimize"] = ours("optimize", label="ours: AltO homography, then optimize (LNCC)", dims=(2,),
+                             modalities=("mono", "multi"), seed_with=OURS["alto"])
+OURS["alto_optimize_mind"] = ours("optimize", options={"similarity": "mind"}, dims=(2,), modalities=("mono", "multi"),
+                                  label="ours: AltO homography, then optimize (MIND)", seed_with=OURS["alto"])
 QUICK_PEERS = ("identity", "sitk_demons", "elastix_bspline", "elastix_affine_bspline", "opencv_sift")
 
 

@@ -544,15 +544,10 @@ def test_qt_binding_keeps_refcounts(qapp):
 
 
 
-def test_homography_first_then_deformable_from_the_widget(viewer_widgets, qtbot, tmp_path, monkeypatch):
-    """A matrix run (AltO, a checkpoint trained here for one step, its corner fit doing the work) is
-    offered as the pre-alignment of the next run on the same pair, and that run starts from it."""
-    import json
-
-    from qtpy.QtWidgets import QFileDialog
-
-    from napari_register.training import build_parser
-    from napari_register.training.loop import train
+def test_homography_first_then_deformable_from_the_widget(viewer_widgets, qtbot, tmp_path):
+    """A matrix run (AltO with its shipped checkpoint and corner fit) is offered as the pre-alignment
+    of the next run on the same pair, and that run starts from it."""
+    from napari_register import weights
     from napari_register.transforms import MatrixTransform, warp_image
 
     viewer, reg, _ = viewer_widgets
@@ -569,14 +564,8 @@ def test_homography_first_then_deformable_from_the_widget(viewer_widgets, qtbot,
     offered = (lambda: [c for c in reg.prealign.choices if c is not None])  # noqa: E731
     assert reg.prealign.value is None and offered() == [] and reg.prealign.native.isHidden()
 
-    tiny = {"width": 4, "hypotheses": 64, "enc_widths": [4, 4, 8, 8]}
-    ckpt = train(build_parser().parse_args([
-        "--method", "alto", "--dim", "2", "--out", str(tmp_path / "alto.pt"), "--steps", "1", "--batch", "2",
-        "--save-every", "1", "--threads", "1", "--config", json.dumps(tiny), "--recipe-options", '{"size": 128}']))
-    # no alto checkpoint is shipped: choosing alto asks for a file at once
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(ckpt), "")))
-    reg.method.value = "alto"
-    assert reg.checkpoint.value == str(ckpt)
+    reg.method.value = "alto"  # the shipped checkpoint, chosen by default
+    assert reg.checkpoint.value == str(weights.CHECKPOINT_DIR / "alto-2d.pt")
     reg.method_options, reg.io_steps.value = None, 80  # the corner fit
     run_widget(qtbot, reg)
     alto = reg.session.runs[-1]

@@ -190,8 +190,13 @@ def train(args: argparse.Namespace, module: Any = None) -> Path:
                                      "lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params):
+            # a finite loss with a non-finite gradient (e.g. a degenerate fit inside the loss): skip
+            # this update, as AMP's GradScaler does, rather than poison the weights
+            return {"loss": float(loss.detach()), **logs, "skipped": 1.0}
         if spec.clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], spec.clip)
+            torch.nn.utils.clip_grad_norm_(params, spec.clip)
         opt.step()
         return {"loss": float(loss.detach()), **logs}
 
