@@ -106,7 +106,10 @@ def validate(paths: list[str], n: int = 48, threads: int = 1) -> list[dict[str, 
                 h = px_from_norm(m, (photos.SIZE, photos.SIZE))
                 errs.append(float((_apply(h, corners) - _apply(p.truth_matrix, corners)).norm(dim=1).mean()))
         out.append({"checkpoint": str(path), "steps": card.get("steps"), "mace_mean": float(np.mean(errs)),
-                    "mace_clean": float(np.mean(errs[0::2])), "mace_modality": float(np.mean(errs[1::2]))})
+                    "mace_median": float(np.median(errs)), "acc<3": float(np.mean(np.array(errs) < 3)),
+                    "mace_clean": float(np.mean(errs[0::2])), "mace_modality": float(np.mean(errs[1::2])),
+                    "acc<3_clean": float(np.mean(np.array(errs[0::2]) < 3)),
+                    "acc<3_modality": float(np.mean(np.array(errs[1::2]) < 3))})
         print(out[-1], flush=True)
     return out
 
@@ -137,7 +140,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.select:
         ranked = sorted(validate(args.select, args.validation_pairs, args.threads), key=lambda r: r["mace_mean"])
         for r in ranked:
-            print(f"{r['mace_mean']:7.2f} px (clean {r['mace_clean']:.2f}, modality {r['mace_modality']:.2f})  "
+            extra = (f"; median {r['mace_median']:.2f}, < 3 px {r['acc<3']:.0%} (clean {r['acc<3_clean']:.0%}, "
+                     f"modality {r['acc<3_modality']:.0%})" if "acc<3" in r else "")
+            print(f"{r['mace_mean']:7.2f} px (clean {r['mace_clean']:.2f}, modality {r['mace_modality']:.2f}{extra})  "
                   f"steps {r['steps']}  {r['checkpoint']}")
         return
     record = provenance("alto_eval", argv)

@@ -232,3 +232,23 @@ def test_a_batch_carrying_a_ground_truth_matrix_reaches_the_loss(tmp_path):
     torch.testing.assert_close(received[0], expected)
     log = _log(tmp_path, "sup")
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]  # the truth drives the fit
+
+
+def test_an_update_with_a_non_finite_gradient_is_skipped_and_logged(tmp_path):
+    def loss(model, batch, step):
+        out = model.reg(torch.ones(2, 2)).pow(2).mean()
+        if step == 1:  # finite loss, infinite gradient: sqrt at 0
+            return out + (out * 0).sqrt(), {}
+        return out, {}
+
+    def make(settings, options):
+        return Recipe(config={"dim": 2}, build=TwoParts, batches=_batches,
+                      optimisers={"net": Optimiser(lr=0.1)}, phases=[Phase("fit", loss)])
+
+    args = _args(tmp_path, 3, "nan", method="toy")
+    args.recipe_options, args.config, args.save_every = "{}", "{}", 1
+    train(args, module=_module(make))
+    log = _log(tmp_path, "nan")
+    assert [e.get("skipped", 0) for e in log] == [0, 1, 0]
+    final = weights.load(tmp_path / "nan.pt", "toy", 2, TwoParts)[0]
+    assert all(torch.isfinite(p).all() for p in final.parameters())
