@@ -164,13 +164,15 @@ def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[
 def iter_corner_fit(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Tensor, steps: int,
                     similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], lr: float = 0.5,
                     blur: float = 8.0, stage: str = "homography fit", preview_every: int = 10,
-                    full: Callable[[torch.Tensor], torch.Tensor] = lambda m: m,
+                    full: Callable[[torch.Tensor], torch.Tensor] = lambda m: m, keep_better: bool = False,
                     ) -> Generator[Progress, None, tuple[torch.Tensor, float]]:
     """Refine a 2D homography on one pair by its four corner offsets (8 numbers, so it stays a
     homography), starting from ``matrix`` (norm frame, moving from fixed). ``similarity`` between
     the warped moving and the fixed image, both blurred by a Gaussian whose sigma falls linearly
     from ``blur`` px to 0 (coarse first: the fit reaches a minimum several px away); Adam at ``lr``
-    px per step. ``full`` maps the matrix to what previews show (e.g. after a pre-stage). Returns
+    px per step. ``full`` maps the matrix to what previews show (e.g. after a pre-stage).
+    ``keep_better``: return the start instead when the fit ends with a worse (unblurred) similarity
+    than it began with: the coarse start can pull a good estimate into another basin. Returns
     ``(matrix, final loss)``."""
     from .coords import apply_matrix, corner_homography, corners_px, gaussian_blur, norm_from_px, px_from_norm
 
@@ -196,6 +198,10 @@ def iter_corner_fit(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Ten
             value = similarity(warped, fixed)
         return value, matrix_map(full(mat.detach()), shape)
 
+    with torch.no_grad():
+        before = float(similarity(sample(moving, matrix_map(current(), shape)), fixed))
     loss = yield from iter_optimise([delta], objective, steps, lr, stage=stage, preview_every=preview_every)
     with torch.no_grad():
+        if keep_better and float(similarity(sample(moving, matrix_map(current(), shape)), fixed)) > before:
+            return matrix.to(fixed.dtype), before
         return current(), loss

@@ -274,3 +274,24 @@ def test_the_homography_is_written_as_3x3_text_and_as_an_itk_transform(checkpoin
     pts = np.array([[10.0, 5.0], [20.3, 30.1], [40.0, 12.5]])  # physical (x, y) inside the fixed grid
     for p in pts:
         np.testing.assert_allclose(tx.TransformPoint(tuple(p)), coords.apply_h(h, p[None])[0], atol=1e-3)
+
+
+def test_the_corner_fit_can_keep_its_start_when_it_ends_worse():
+    from napari_register.instance_opt import iter_corner_fit
+    from napari_register.losses import get_similarity
+
+    img = _texture(6, 64)
+    truth = norm_from_px(corner_homography(torch.tensor([[[2.0, -1], [-1, 2], [1, 1], [-2, -1]]]), (64, 64)), (64, 64))
+    moving = warp(img, torch.linalg.inv(truth))
+
+    def fit(keep: bool) -> torch.Tensor:  # 40 px per step: the fit leaves the truth it starts at
+        gen = iter_corner_fit(moving, img, truth[0].float(), 5, get_similarity("mind"), lr=40.0, blur=0.0,
+                              keep_better=keep)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value[0]
+
+    assert _mace(px_from_norm(fit(False).double(), (64, 64)), px_from_norm(truth[0], (64, 64)), 64) > 5
+    torch.testing.assert_close(fit(True), truth[0].float())

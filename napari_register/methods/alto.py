@@ -279,9 +279,10 @@ class AltO(NetworkMethod):
     io_preview_every = 10
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
-                 affine_iterations: int = 0, io_lr: Optional[float] = None, io_blur: float = 8.0) -> None:
+                 affine_iterations: int = 0, io_lr: Optional[float] = None, io_blur: float = 8.0,
+                 io_keep_better: bool = False) -> None:
         super().__init__(dim, device, checkpoint, affine_iterations=affine_iterations, io_lr=io_lr)
-        self.io_blur = float(io_blur)
+        self.io_blur, self.io_keep_better = float(io_blur), bool(io_keep_better)
         if self.io_blur < 0:
             raise ValueError(f"io_blur must be >= 0 px (0: no coarse start), got {io_blur}")
 
@@ -316,6 +317,7 @@ class AltO(NetworkMethod):
         loss = None
         if io_steps > 0:
             m, loss = yield from iter_corner_fit(moving, fixed, start, io_steps, get_similarity("mind"), self.io_lr,
-                                                 self.io_blur, "alto instance optimisation", self.io_preview_every, full)
+                                                 self.io_blur, "alto instance optimisation", self.io_preview_every, full,
+                                                 keep_better=self.io_keep_better)
         return MethodOutput(map=coords.matrix_map(full(m), shape), matrix=full(m), loss=loss,
                             state={"matrix": m, "affine": affine})
