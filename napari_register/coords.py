@@ -260,6 +260,13 @@ def fit_homography(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor |
     return torch.cat([h, o[..., :1]], -1).view(*h.shape[:-1], 3, 3).to(dst.dtype)
 
 
+def map_points(hom: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """2D points ``(..., N, 2)`` (x, y) through homographies ``(..., 3, 3)`` (leading dimensions
+    broadcast), with the perspective divide, in ``hom``'s dtype."""
+    p = torch.cat([pts, torch.ones_like(pts[..., :1])], -1).to(hom.dtype) @ hom.transpose(-1, -2)
+    return p[..., :2] / p[..., 2:]
+
+
 def _norm_from_px_xy(shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, A^-1)``: pixel (x, y, 1) of a 2D image of ``shape`` -> norm (row, col, 1)."""
     swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)

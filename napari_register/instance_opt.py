@@ -198,10 +198,12 @@ def iter_corner_fit(moving: torch.Tensor, fixed: torch.Tensor, matrix: torch.Ten
             value = similarity(warped, fixed)
         return value, matrix_map(full(mat.detach()), shape)
 
-    with torch.no_grad():
-        before = float(similarity(sample(moving, matrix_map(current(), shape)), fixed))
+    before = None
+    if keep_better:
+        with torch.no_grad():
+            before = float(similarity(sample(moving, matrix_map(current(), shape)), fixed))
     loss = yield from iter_optimise([delta], objective, steps, lr, stage=stage, preview_every=preview_every)
     with torch.no_grad():
-        if keep_better and float(similarity(sample(moving, matrix_map(current(), shape)), fixed)) > before:
+        if before is not None and float(similarity(sample(moving, matrix_map(current(), shape)), fixed)) > before:
             return matrix.to(fixed.dtype), before
         return current(), loss

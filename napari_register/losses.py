@@ -383,10 +383,5 @@ def barlow_twins(z_a: torch.Tensor, z_b: torch.Tensor, lam: float = 0.005, eps: 
 def corner_loss(matrix: torch.Tensor, truth: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     """Mean corner error (MACE) between two homographies ``(B, 3, 3)`` over ``corners (4, 2)``:
     the mean distance between where each maps the corners (same units as the corners)."""
-    def apply(h: torch.Tensor) -> torch.Tensor:
-        pts = torch.cat([corners, corners.new_ones(len(corners), 1)], 1)  # (4, 3) homogeneous
-        out = torch.einsum("bij,nj->bni", h, pts)
-        return out[..., :2] / out[..., 2:]
-
-    return (apply(matrix) - apply(truth)).norm(dim=-1).mean()
+    return (coords.map_points(matrix, corners) - coords.map_points(truth, corners)).norm(dim=-1).mean()
 

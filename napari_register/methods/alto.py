@@ -125,21 +125,15 @@ class Matcher(nn.Module):
             corners = corners_px((h * self.level, w * self.level)).to(hom.device, hom.dtype)
             finite = torch.nan_to_num(hom)
             denom = finite[:, 2, :2] @ corners.T + finite[:, 2, 2:]  # (B, 4): the perspective divisor at the corners
-            moved = (_map_points(finite, corners) - corners).norm(dim=-1)
+            moved = (coords.map_points(finite, corners) - corners).norm(dim=-1)
             ok &= (denom > 0.1).all(-1) & (moved < side / 2).all(-1)
         eye = torch.eye(3, dtype=hom.dtype, device=hom.device).expand_as(hom)
         return torch.where(ok[:, None, None], torch.nan_to_num(hom), eye)
 
 
-def _map_points(hom: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    """Points ``(..., N, 2)`` (x, y) through homographies ``(..., 3, 3)``, in ``hom``'s dtype."""
-    p = torch.cat([pts, torch.ones_like(pts[..., :1])], -1).to(hom.dtype) @ hom.transpose(-1, -2)
-    return p[..., :2] / p[..., 2:]
-
-
 def _inliers(hom: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, valid: torch.Tensor, tol: float) -> torch.Tensor:
     """``(..., N)`` points whose ``hom``-mapped ``src`` lies within ``tol`` px of ``dst`` (and ``valid``)."""
-    err = (_map_points(hom, src) - dst.to(hom.dtype)).norm(dim=-1)
+    err = (coords.map_points(hom, src) - dst.to(hom.dtype)).norm(dim=-1)
     return (err < tol) & valid
 
 
@@ -238,7 +232,7 @@ class AltONet(nn.Module):
     def offsets(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """The corners' offsets ``(B, 4, 2)`` in px (x, y) of the ``size`` grid (the paper's output)."""
         corners = corners_px((self.size, self.size)).to(moving.device)
-        return _map_points(self.homography_px(moving, fixed), corners) - corners
+        return coords.map_points(self.homography_px(moving, fixed), corners) - corners
 
     def matrix(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """``M (B, 3, 3)``: moving_norm_from_fixed_norm, (row, col)."""
