@@ -12,6 +12,7 @@ from typing import Optional
 # command -> (module, one line); modules are imported only when their command runs
 COMMANDS = {
     "run": ("run", "the suite: every method and peer on every task, one run folder in benchmarks/results/"),
+    "broad": ("broad", "the broad benchmark: hundreds of pairs, a dev split (choose) and a test split (report)"),
     "peers": ("peers", "only the peers (ANTs, demons, elastix, OpenCV) on some tasks, table to stdout"),
     "carl_grid": ("carl_grid", "CARL at several working-grid sizes (the `tokens` option)"),
     "carl_eval": ("carl_eval", "CARL and CARL + IO on some tasks, or the timing of its network and IO"),

@@ -21,7 +21,7 @@ Tasks (``TASKS``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from napari_register import metrics
 # The data root and the cases held out of training exist once, in the product's data package.
-from napari_register.data import HISTOLOGY_LESIONS, MR_US_CASES, PROSTATE_PAIRS, data_root
+from napari_register.data import HISTOLOGY_LESIONS, MR_US_CASES, PROSTATE_PAIRS, data_root, splits
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class Case:
     small_labels: tuple[tuple[int, int], ...] = ()
     shrink: int = 1
     tre_unit: str = "mm"
+    # how the label files become tissue labels (brains: "oasis", "aseg", "mni"; "" reads them as they are)
+    tissue: tuple[str, str] = ("", "")
+    split: str = ""  # "dev" or "test" for the broad benchmark's cases (napari_register.data.splits)
 
 
 @dataclass
@@ -131,17 +134,110 @@ def histology_cases(shrink: int = 4) -> list[Case]:
     return out
 
 
+# ------------------------------------------------------------------ the broad benchmark (dev / test)
+
+def prostate_split_cases(split: str) -> list[Case]:
+    """Every ordered inter-subject pair among the split's prostate MR cases."""
+    out = prostate_cases(splits.prostate_pairs(split), "prostate_pairs")
+    return [replace(c, split=split) for c in out]
+
+
+def mr_us_split_cases(split: str) -> list[Case]:
+    return [replace(c, task="mr_us_all", split=split) for c in mr_us_cases(splits.mr_us_cases(split))]
+
+
+def brain_files(name: str) -> tuple[Path, Path]:
+    """(image, labels source) of a brain of :data:`splits.BRAINS`."""
+    root = data_root()
+    return {
+        "oasis_A": (root / "brain3d/oasis_pair/image_A_160x192x144.nii.gz",
+                    root / "brain3d/oasis_pair/image_A_160x192x144_seg.nii.gz"),
+        "oasis_B": (root / "brain3d/oasis_pair/image_B_160x192x144.nii.gz",
+                    root / "brain3d/oasis_pair/image_B_160x192x144_seg.nii.gz"),
+        "aseg": (root / "brain3d/aseg_subject/test_vol.nii.gz", root / "brain3d/aseg_subject/test_scan.npz"),
+        "mni": (root / "mni/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                root / "mni/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"),
+    }[name]
+
+
+def brain_split_cases(split: str) -> list[Case]:
+    """Every ordered pair of the split's brains, scored on GM (1) and WM (2) Dice."""
+    out = []
+    for m, f in splits.brain_pairs(split):
+        (mi, ml), (fi, fl) = brain_files(m), brain_files(f)
+        out.append(Case("brains", f"brains_{m}_to_{f}", 3, False, moving=mi, fixed=fi, moving_labels=ml,
+                        fixed_labels=fl, dice_labels=((0, 1), (0, 2)), tissue=(m, f), split=split))
+    return out
+
+
+def histology_split_cases(split: str, shrink: int = 4) -> list[Case]:
+    """Every ordered stain pair of CIMA lesion 1 whose fixed stain is in the split."""
+    d = data_root() / "histology2d"
+    stem = "29-041-Izd2-w35-{}-les1"
+    return [Case("histology_pairs", f"histology_{m.split('-')[0]}_to_{f.split('-')[0]}", 2, True,
+                 moving=d / f"{stem.format(m)}.jpg", fixed=d / f"{stem.format(f)}.jpg",
+                 moving_points=d / f"{stem.format(m)}.csv", fixed_points=d / f"{stem.format(f)}.csv",
+                 shrink=shrink, tre_unit="px", split=split)
+            for m, f in splits.histology_pairs(split)]
+
+
+BROAD: dict[str, Callable[[str], list[Case]]] = {
+    "prostate_pairs": prostate_split_cases, "mr_us_all": mr_us_split_cases, "brains": brain_split_cases,
+    "histology_pairs": histology_split_cases,
+}
+
+# aseg structures -> tissue: cerebral and cerebellar cortex and the deep grey nuclei are GM (1);
+# cerebral and cerebellar white matter and the corpus callosum are WM (2); the rest is background.
+ASEG_GM = (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58)
+ASEG_WM = (2, 41, 7, 46, 251, 252, 253, 254, 255)
+
+
+def brain_tissue(kind: str, path: Path, image: sitk.Image) -> sitk.Image:
+    """GM = 1 / WM = 2 label map on ``image``'s grid from a brain's own segmentation: the OASIS
+    tissue map as it is; FreeSurfer's aseg by :data:`ASEG_GM` / :data:`ASEG_WM`; the MNI template's
+    GM and WM probability maps by the larger of the two where it is at least 0.5."""
+    if kind == "oasis":
+        return _read_label_channels(path, image)[0]
+    if kind == "aseg":  # the npz holds the segmentation in the NIfTI's array order (x, y, z)
+        seg = np.load(path)["seg"].transpose(2, 1, 0)
+        lab = np.where(np.isin(seg, ASEG_GM), 1, np.where(np.isin(seg, ASEG_WM), 2, 0)).astype(np.uint8)
+    elif kind == "mni":
+        gm = sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32)) / 255.0
+        wm = sitk.GetArrayFromImage(sitk.ReadImage(str(path).replace("_gm_", "_wm_"), sitk.sitkFloat32)) / 255.0
+        lab = np.where((gm >= 0.5) & (gm >= wm), 1, np.where((wm >= 0.5) & (wm > gm), 2, 0)).astype(np.uint8)
+    else:
+        raise ValueError(f"unknown tissue mapping {kind!r}")
+    out = sitk.GetImageFromArray(lab)
+    out.CopyInformation(image)
+    return out
+
+
+def _brain_image(kind: str, path: Path) -> sitk.Image:
+    img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    if kind == "mni":  # the template has a skull; the other brains are skull-stripped
+        from napari_register.data.volumes import mni_brain_mask
+
+        arr = sitk.GetArrayFromImage(img) * mni_brain_mask(path)
+        out = sitk.GetImageFromArray(arr.astype(np.float32))
+        out.CopyInformation(img)
+        return out
+    return img
+
+
 TASKS: dict[str, Callable[[], list[Case]]] = {
     "oasis": oasis_cases, "prostate": prostate_cases, "mr_us": mr_us_cases, "histology": histology_cases,
     "prostate_val": lambda: prostate_cases(PROSTATE_VALIDATION_PAIRS, "prostate_val"),
 }
 
 
-def cases(task: str) -> list[Case]:
+def cases(task: str, split: str = "") -> list[Case]:
+    """The cases of a task; the broad tasks (:data:`BROAD`) need a ``split`` (dev or test)."""
+    if task in BROAD:
+        return BROAD[task](split or "dev")
     try:
         return TASKS[task]()
     except KeyError:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join([*TASKS, *BROAD])}") from None
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -212,11 +308,17 @@ def load(case: Case) -> Pair:
     """Read a case into images, label maps and landmarks (see :class:`Pair`)."""
     if case.dim == 2:
         moving, fixed = read_photo(case.moving, case.shrink), read_photo(case.fixed, case.shrink)
+    elif case.tissue[0]:
+        moving, fixed = _brain_image(case.tissue[0], case.moving), _brain_image(case.tissue[1], case.fixed)
     else:
         moving = sitk.ReadImage(str(case.moving), sitk.sitkFloat32)
         fixed = sitk.ReadImage(str(case.fixed), sitk.sitkFloat32)
     pair = Pair(case, moving, fixed)
-    if case.moving_labels is not None:
+    if case.tissue[0]:
+        kinds = ["oasis" if k.startswith("oasis") else k for k in case.tissue]
+        pair.moving_labels = [brain_tissue(kinds[0], case.moving_labels, moving)]
+        pair.fixed_labels = [brain_tissue(kinds[1], case.fixed_labels, fixed)]
+    elif case.moving_labels is not None:
         pair.moving_labels = _read_label_channels(case.moving_labels, moving)
         pair.fixed_labels = _read_label_channels(case.fixed_labels, fixed)
     if case.moving_points is not None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Generator, Optional
 import numpy as np
 import torch
 
-from .coords import Geometry, apply_h, identity_map, resize_image, resize_map
+from .coords import Geometry, apply_h, identity_map, resize_image, resize_map, sample
 from .errors import ImageError, InputError, ResourceError
 from .image import Image, check_registrable, read_image
 from .intensity import normalise
@@ -49,6 +49,8 @@ class RegistrationResult:
     prealign: Optional[MatrixTransform] = None  # the matrix the run started from (see iter_register)
     # measured seconds of each stage of the run, in order (the estimate's plan: ``Method.plan``)
     timings: list[tuple[str, float]] = field(default_factory=list)
+    # the start-against-result check (see ``check_result``): measure, both scores, what was kept
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def warp_labels(self, labels: Image) -> Image:
         """Warp a moving label map (nearest neighbour, label set kept) onto the fixed grid."""
@@ -278,8 +280,13 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
         dev = torch.device("cpu")
         algo = make_method(method, fix.ndim, dev, checkpoint, options)
         out = yield from _run_method(algo, mov, fix, init_tx, shape, steps, None, dev, cancel, previews, tracker)
+    out, (moving_t, fixed_t) = out
     if not isinstance(out, MethodOutput):
         raise TypeError(f"method {method!r} returned {type(out).__name__}, expected MethodOutput")
+    out, quality = check_result(out, moving_t, fixed_t)
+    if quality["kept"] == "start":
+        yield note(f"{method}'s result matched the images worse than its start ({quality['measure']} "
+                   f"{quality['result']:.4f} against {quality['start']:.4f}); the start is kept")
     # the full-resolution work takes seconds on a large volume: Cancel is honoured between its parts
     yield tracker.update(Progress("finishing", 0, 1))
     _check_cancel(cancel)
@@ -297,7 +304,38 @@ def iter_register(moving: Image | str | Path, fixed: Image | str | Path, method:
         seconds=time.perf_counter() - start, method=method,
         checkpoint=algo.checkpoint_name, io_steps=steps, device=str(dev),
         fixed=fix, moving=mov, output=out, loss=out.loss, notes=notes, homography=homography,
-        prealign=prealign, timings=tracker.timings)
+        prealign=prealign, timings=tracker.timings, quality=quality)
+
+
+JUDGE_SIZE = 96  # the start-against-result check's grid: longest side (a gross-failure test, cheap)
+JUDGE_MARGIN = 1e-3  # relative: a result that only differs from its start by rounding is kept
+
+
+def check_result(out: MethodOutput, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[MethodOutput, dict[str, Any]]:
+    """Keep the start (the identity on the working grid: the centre alignment or the given
+    pre-alignment) when the method's result matches the images worse than it, by MIND-SSC (a measure
+    no method optimises alone and that holds across modalities) where the fixed image has structure:
+    in a flat background MIND's variance floor turns rounding into large descriptor differences. Returns the output kept and
+    ``{"measure", "start", "result", "kept"}`` (lower is better)."""
+    from .instance_opt import affine_shape
+    from .losses import mind_loss, structure
+
+    shape = affine_shape(tuple(fixed.shape[2:]), JUDGE_SIZE)
+    mov, fix = resize_image(moving, shape), resize_image(fixed, shape)
+    with torch.no_grad():
+        phi = resize_map(out.map.detach().to(fix.dtype), shape)
+        start = float(mind_loss(mov, fix, where=structure(fix)))
+        result = float(mind_loss(sample(mov, phi), fix, where=structure(fix)))
+    quality: dict[str, Any] = {"measure": "MIND-SSC", "start": start, "result": result, "kept": "result"}
+    if result > start + JUDGE_MARGIN * abs(start):
+        quality["kept"] = "start"
+        ident = identity_map(tuple(out.map.shape[2:]), out.map.device, out.map.dtype)
+        eye = None if out.matrix is None else torch.eye(out.matrix.shape[-1], dtype=out.matrix.dtype,
+                                                         device=out.matrix.device)
+        hom = None if out.homography is None else torch.eye(out.homography.shape[-1], dtype=out.homography.dtype,
+                                                             device=out.homography.device)
+        out = MethodOutput(map=ident, matrix=eye, loss=out.loss, homography=hom)
+    return out, quality
 
 
 # seconds per fixed-grid voxel on the reference CPU (2 threads), by dimensionality: resampling both
@@ -324,7 +362,8 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
                 steps: int, init_out: MethodOutput | None, dev: torch.device,
                 cancel: Callable[[], bool] | None, previews: bool, tracker: Tracker) -> Generator[Progress, None, Any]:
     """The method's own loop on the working grid, polling ``cancel`` before every step (so a Cancel
-    costs at most the step under way) and adding previews; returns the method's output."""
+    costs at most the step under way) and adding previews; returns the method's output and the
+    working tensors ``(moving, fixed)`` it ran on."""
     fixed_t = _working_tensor(fix, None, fix.geometry, shape, dev)
     moving_t = _working_tensor(mov, init_tx, fix.geometry, shape, dev)
     yield tracker.update(Progress("preparing", 1, 1))  # a step is reported when it is done
@@ -336,7 +375,7 @@ def _run_method(algo: Method, mov: Image, fix: Image, init_tx: MatrixTransform, 
             try:
                 progress = next(gen)
             except StopIteration as stop:
-                return stop.value
+                return stop.value, (moving_t, fixed_t)
             if previewer is not None and progress.map is not None and previewer.due():
                 progress.warped = previewer(progress.map)
                 _check_cancel(cancel)

@@ -149,13 +149,26 @@ class _DiffEnergy(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- similarity
 
-def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of two ``(B, C, *S)`` images."""
+def _masked_mean(x: torch.Tensor, where: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of ``x (B, C, *S)``, over the voxels of the bool ``where (B, 1, *S')`` when given
+    (``S'`` >= ``S``: the mask is cropped centrally, as a valid-region filter crops its output)."""
+    if where is None:
+        return torch.mean(x)
+    for axis in range(2, x.dim()):
+        cut = (where.shape[axis] - x.shape[axis]) // 2
+        where = where.narrow(axis, cut, x.shape[axis])
+    w = where.to(x.dtype).expand_as(x)
+    return (x * w).sum() / w.sum().clamp_min(1.0)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared difference of two ``(B, C, *S)`` images (inside ``where``, see :func:`_masked_mean`)."""
     _check_pair(a, b, "mse")
-    return torch.mean((a - b) ** 2)
+    return _masked_mean((a - b) ** 2, where)
 
 
-def lncc(a: torch.Tensor, b: torch.Tensor, window: Window = 5, eps: float = 1e-3) -> torch.Tensor:
+def lncc(a: torch.Tensor, b: torch.Tensor, window: Window = 5, eps: float = 1e-3,
+         where: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Local normalised cross-correlation loss ``1 - mean(NCC)`` of two ``(B, C, *S)`` images.
 
     Signed NCC, as ICON/CARL use: 0 for identical images (where they have texture), 1 for
@@ -177,7 +190,9 @@ def lncc(a: torch.Tensor, b: torch.Tensor, window: Window = 5, eps: float = 1e-3
     cov = mean_ab - mean_a * mean_b
     var_a = torch.relu(mean_aa - mean_a * mean_a) + eps  # relu: rounding can make E[a^2]-E[a]^2 < 0
     var_b = torch.relu(mean_bb - mean_b * mean_b) + eps
-    return 1 - torch.mean(cov * torch.rsqrt(var_a * var_b))
+    # ``where``: only windows centred where the fixed image has structure count (an affine fit over
+    # flat windows too gains by magnifying the moving image onto them)
+    return 1 - _masked_mean(cov * torch.rsqrt(var_a * var_b), where)
 
 
 def _neighbour_pairs(d: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -230,10 +245,23 @@ def mind_ssc(img: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Ten
     return desc.reshape(bsz, c * len(pairs), *spatial)
 
 
-def mind_loss(a: torch.Tensor, b: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """Mean squared difference of the MIND-SSC descriptors of two ``(B, C, *S)`` images."""
+def mind_loss(a: torch.Tensor, b: torch.Tensor, radius: int = 1, dilation: int = 2,
+              where: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared difference of the MIND-SSC descriptors of two ``(B, C, *S)`` images (over the
+    voxels of the boolean ``(B, 1, *S)`` mask ``where`` when given)."""
     _check_pair(a, b, "mind_loss")
-    return torch.mean((mind_ssc(a, radius, dilation) - mind_ssc(b, radius, dilation)) ** 2)
+    return _masked_mean((mind_ssc(a, radius, dilation) - mind_ssc(b, radius, dilation)) ** 2, where)
+
+
+def structure(img: torch.Tensor, window: int = 5, fraction: float = 0.1) -> torch.Tensor:
+    """Where ``img (B, C, *S)`` has structure: a local variance (``window`` box) above ``fraction`` of
+    its image mean; ``(B, 1, *S)`` bool."""
+    d = img.dim() - 2
+    pool = F.avg_pool3d if d == 3 else F.avg_pool2d
+    x = img.mean(1, keepdim=True)
+    mean = pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
+    var = (pool(x * x, window, stride=1, padding=window // 2, count_include_pad=False) - mean ** 2).clamp_min(0)
+    return var > fraction * var.mean()
 
 
 _SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {"lncc": lncc, "mse": mse, "mind": mind_loss}

@@ -302,6 +302,8 @@ def register_to_folder(pair: PairFiles, out: Path, *, method: Any = "optimize", 
     }
     if prealign is not None:
         metrics["prealign"] = str(Path(prealign).resolve())
+    if result.quality:  # the start-against-result check (api.check_result)
+        metrics["quality"] = dict(result.quality)
     if result.notes:
         metrics["notes"] = list(result.notes)
     if mlab is not None:

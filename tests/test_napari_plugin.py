@@ -409,7 +409,10 @@ def test_ran_offered_for_2d_and_3d_with_its_checkpoints_and_runs_in_the_viewer(h
     assert first.layers["warped"].name == "ran #1 warped" and first.result.checkpoint == "ran-2d"
     for role in ("warped", "grid", "jacobian"):
         assert_placed_like(first.layers[role], viewer.layers["fixed"])
-    assert not np.array_equal(first.layers["warped"].data, viewer.layers["moving"].data)
+    # the network alone on a cross-stain pair may match worse than its start; then the start is kept, and said
+    kept = first.result.quality["kept"]
+    assert kept == "result" or any("worse than its start" in n for n in first.result.notes)
+    assert (kept == "start") == np.array_equal(first.layers["warped"].data, viewer.layers["moving"].data)
     reg.io_steps.value = 2
     run_widget(qtbot, reg, continue_run=True)
     assert reg.session.runs[1].result.io_steps == 2 and reg.session.runs[1].result.method == "ran"

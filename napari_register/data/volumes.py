@@ -33,6 +33,17 @@ def reorient(array: np.ndarray, direction: np.ndarray, spacing_xyz: tuple[float,
     return np.ascontiguousarray(xyz.transpose(2, 1, 0)), tuple(float(spacing_xyz[a]) for a in perm)
 
 
+def mni_brain_mask(t1: Path) -> np.ndarray:
+    """The ICBM152 template has a skull: its brain is GM + WM (the tissue maps beside ``t1``),
+    dilated by 3 voxels (array order, bool)."""
+    from scipy import ndimage
+
+    from ..image import read_image
+
+    tissue = sum(read_image(Path(str(t1).replace("_t1_", f"_{t}_"))).array for t in ("gm", "wm"))
+    return ndimage.binary_dilation(tissue > 0.3 * tissue.max(), iterations=3)
+
+
 class RealVolumes:
     """Training volumes (array order, [0, 1]) and their spacing, grouped so pairs are like-for-like."""
 
@@ -50,11 +61,8 @@ class RealVolumes:
             if p.exists() and not HOLDOUT.excludes(rel):
                 img = read_image(p)
                 array = img.array.astype(np.float32)
-                if rel.startswith("mni/"):  # the template has a skull; keep the brain (GM + WM, dilated)
-                    from scipy import ndimage
-
-                    tissue = sum(read_image(root / rel.replace("_t1_", f"_{t}_")).array for t in ("gm", "wm"))
-                    array = array * ndimage.binary_dilation(tissue > 0.3 * tissue.max(), iterations=3)
+                if rel.startswith("mni/"):
+                    array = array * mni_brain_mask(root / rel)
                 array, spacing = reorient(array, img.geometry.direction, img.geometry.spacing)
                 self.groups["brain"].append(self._tensor(array, spacing))
                 self.names.append(rel)

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from .. import coords, weights
-from ..instance_opt import affine_stage, finetune_copy, iter_affine, iter_optimise
+from ..initial import InitialSettings, initial_stage, iter_initial
+from ..instance_opt import finetune_copy, iter_optimise
 from ..progress import Progress, Stage
 from .registry import Method, MethodOutput
 
@@ -34,6 +35,11 @@ IOObjective = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 (network frame: before the affine stage), which previews show."""
 
 
+# LNCC's variance floor in the initial alignment: the default (1e-3) counts faint texture as flat, and
+# an affine then gains by magnifying the image (a loss below the identity's on two identical images)
+AFFINE_EPS = 1e-5
+
+
 class NetworkMethod(Method):
     """Base of methods driven by a trained network (subclass, set the class settings, decorate with
     :func:`register_method`). ``state`` of its outputs is ``{"net", "affine"}``: a later run on the
@@ -46,7 +52,7 @@ class NetworkMethod(Method):
     affine_window: ClassVar[int] = 9  # LNCC window of the affine stage
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
-                 affine_iterations: int = 50, io_lr: Optional[float] = None, io_lr_end: Optional[float] = None,
+                 affine_iterations: int = 200, io_lr: Optional[float] = None, io_lr_end: Optional[float] = None,
                  io_warmup: int = 0) -> None:
         super().__init__(dim, device, checkpoint)
         self.io_lr = type(self).io_lr if io_lr is None else float(io_lr)
@@ -58,7 +64,8 @@ class NetworkMethod(Method):
         if self.io_warmup < 0:
             raise ValueError(f"io_warmup must be >= 0 steps (0: no warm-up), got {io_warmup}")
         # The affine pre-alignment takes out global rotation and scale between subjects; 0 skips it.
-        self.affine_iterations = int(affine_iterations)
+        self.affine_iterations = int(affine_iterations)  # the most steps of one fit (napari_register.initial)
+        self.initial = InitialSettings(iterations=self.affine_iterations)
         path = weights.resolve(checkpoint, f"{self.name}-{dim}d")
         self.net, self.card = self.load(path, device)
         self.checkpoint_name = path.stem if path.parent == weights.CHECKPOINT_DIR else str(path)
@@ -71,7 +78,7 @@ class NetworkMethod(Method):
         voxels = math.prod(shape)
         stages = []
         if self.affine_iterations and not continuing:
-            stages.append(affine_stage(shape, self.affine_iterations, label=f"{self.name} affine"))
+            stages.append(initial_stage(shape, self.initial, f"{self.name} affine"))
         stages.append(Stage("network", 1, self.network_seconds[self.dim] * voxels))
         if io_steps > 0:
             stages.append(Stage("instance optimisation", io_steps, self.io_seconds[self.dim] * voxels * io_steps))
@@ -111,9 +118,8 @@ class NetworkMethod(Method):
         else:
             net, affine = self.net, None
             if self.affine_iterations:
-                sim = get_similarity("lncc", window=self.affine_window)
-                affine = yield from iter_affine(moving, fixed, sim, self.affine_iterations,
-                                                stage=f"{self.name} affine")
+                sim = get_similarity("lncc", window=self.affine_window, eps=AFFINE_EPS)
+                affine = yield from iter_initial(moving, fixed, sim, self.initial, f"{self.name} affine")
         # The network registers the affinely pre-aligned moving image; the map is affine o network.
         if affine is not None:
             moving = coords.sample(moving, coords.matrix_map(affine, shape))

@@ -139,7 +139,7 @@ class CARL(NetworkMethod):
     build = staticmethod(build)
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
-                 affine_iterations: int = 50, io_lr: float | None = None,
+                 affine_iterations: int = 200, io_lr: float | None = None,
                  io_lam: float | None = None, io_window: int | None = None,
                  io_lr_end: float | None = None, io_reg: str | None = None, tokens: int | None = None,
                  symmetric: bool | None = None, passes: int | None = None, io_eps: float | None = None,

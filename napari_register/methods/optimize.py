@@ -8,14 +8,15 @@ The same loop (:func:`napari_register.instance_opt.iter_optimise`) fine-tunes th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Callable, Generator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..coords import apply_matrix, compose, gaussian_blur, resize_image, resize_map, sample
 from ..errors import InputError
-from ..instance_opt import FieldAdam, affine_stage, iter_affine, iter_optimise
+from ..initial import InitialSettings, initial_stage, iter_initial
+from ..instance_opt import FieldAdam, iter_optimise
 from ..losses import diffusion, get_similarity
 from ..progress import Progress, Stage
 from .blocks import svf_exp
@@ -43,8 +44,9 @@ class Optimize(Method):
     def __init__(self, dim: int, device: torch.device, checkpoint: Any = None, *,
                  similarity: str = "lncc", levels: Sequence[int] = (4, 2), iterations: Sequence[int] = (30, 8),
                  lr: float = 0.5, smooth: float = 0.1, max_size: int | None = None, grid: int = 1,
-                 window: int = 5, eps: float = 1e-5, affine_iterations: int = 50, affine_size: int = 48,
-                 affine_window: int = 9, sigma: float = 1.0, exp_max_gradient: float = 2.0, **options: Any) -> None:
+                 window: int = 5, eps: float = 1e-5, affine_iterations: int = 200, affine_size: int = 48,
+                 affine_window: int = 9, affine_rotations: Optional[float] = None, affine_flips: bool = False,
+                 affine_similarity: str = "lncc", sigma: float = 1.0, exp_max_gradient: float = 2.0, **options: Any) -> None:
         super().__init__(dim, device, None, **options)
         if checkpoint not in (None, "", "none"):
             raise InputError("method 'optimize' uses no checkpoint; leave --checkpoint out")
@@ -53,7 +55,8 @@ class Optimize(Method):
         self.similarity_name = similarity
         lncc_args = lambda w: {"window": w, "eps": eps} if similarity == "lncc" else {}  # noqa: E731
         self.similarity = get_similarity(similarity, **lncc_args(window))
-        self.affine_similarity = get_similarity(similarity, **lncc_args(affine_window))
+        aff = affine_similarity
+        self.affine_similarity = get_similarity(aff, **({"window": affine_window, "eps": eps} if aff == "lncc" else {}))
         self.levels = tuple(int(x) for x in levels)
         self.iterations = tuple(int(x) for x in iterations)
         # LNCC's window is ``window`` voxels at the finest level and spans about the same extent of the
@@ -66,10 +69,12 @@ class Optimize(Method):
                                  for f in self.levels}
         self.lr = lr
         self.smooth = smooth
-        # Affine first, as ANTs' SyN does: on inter-subject prostate MR it lifts Dice 0.62 -> 0.73; on the
-        # already affinely aligned OASIS pair it costs 0.005 (0.681 -> 0.676). ``affine_iterations=0`` skips it.
+        # The initial alignment (napari_register.initial), as ANTs' SyN starts from an affine;
+        # ``affine_iterations`` is the most steps of one affine fit, 0 skips the stage.
         self.affine_iterations = int(affine_iterations)
         self.affine_size = int(affine_size)
+        self.initial = InitialSettings(iterations=self.affine_iterations, size=self.affine_size,
+                                       rotations=affine_rotations, flips=bool(affine_flips))
         # v = G_sigma * w: the Gaussian spreads each update over its neighbours (as demons smooth
         # their updates), so motion found where the images have structure reaches flat regions.
         self.sigma = float(sigma)
@@ -108,7 +113,7 @@ class Optimize(Method):
         schedule = self._schedule(io_steps, continuing)
         stages = []
         if self.affine_iterations and not continuing:
-            stages.append(affine_stage(shape, self.affine_iterations, self.affine_size, "optimize affine"))
+            stages.append(initial_stage(shape, self.initial, "optimize affine"))
         for li, (factor, iters) in enumerate(schedule):
             voxels = math.prod(self._level_shape(shape, factor))
             stages.append(Stage(f"optimize level {li + 1}/{len(schedule)}", iters, self.LEVEL_SECONDS[self.dim] * voxels * iters))
@@ -128,8 +133,7 @@ class Optimize(Method):
             prior = lambda phi: compose(resize_map(init.map, tuple(phi.shape[2:])), phi)  # noqa: E731
         else:
             if self.affine_iterations:
-                m = yield from iter_affine(moving, fixed, self.affine_similarity, self.affine_iterations,
-                                           self.affine_size, stage="optimize affine")
+                m = yield from iter_initial(moving, fixed, self.affine_similarity, self.initial, "optimize affine")
                 prior = lambda phi: apply_matrix(m, phi)  # noqa: E731
         velocity = None  # in voxel units of the current velocity grid, array-order channels
         loss = float("nan")

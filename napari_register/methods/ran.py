@@ -255,7 +255,7 @@ class RAN(NetworkMethod):
     build = staticmethod(build)
 
     def __init__(self, dim: int, device: torch.device, checkpoint: str | Path | None = None, *,
-                 affine_iterations: int = 50, io_lr: float | None = None, io_lr_end: float | None = None,
+                 affine_iterations: int = 200, io_lr: float | None = None, io_lr_end: float | None = None,
                  io_lam: float | None = None, voxels: int | None = None) -> None:
         super().__init__(dim, device, checkpoint, affine_iterations=affine_iterations, io_lr=io_lr,
                          io_lr_end=io_lr_end)
