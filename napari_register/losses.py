@@ -264,7 +264,35 @@ def structure(img: torch.Tensor, window: int = 5, fraction: float = 0.1) -> torc
     return var > fraction * var.mean()
 
 
-_SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {"lncc": lncc, "mse": mse, "mind": mind_loss}
+def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32, where: Optional[torch.Tensor] = None,
+                       max_voxels: int = 65536) -> torch.Tensor:
+    """Negative normalised mutual information ``-(H(a) + H(b)) / H(a, b)`` (Studholme) of two
+    ``(B, C, *S)`` images in [0, 1] (inside ``where`` when given): the global statistical measure of
+    the classical multimodal affine (Mattes MI in ANTs and elastix). Parzen windows: each voxel adds
+    a Gaussian of one bin's width to the joint histogram, so the loss is differentiable. At most
+    ``max_voxels`` voxels (an even stride) enter the histogram; -2 for identical images, -1 for
+    independent ones."""
+    _check_pair(a, b, "mutual_information")
+    x, y = a.mean(1).flatten(), b.mean(1).flatten()
+    if where is not None:
+        keep = where.flatten()
+        x, y = x[keep], y[keep]
+    step = max(1, x.numel() // max_voxels)
+    x, y = x[::step].clamp(0, 1), y[::step].clamp(0, 1)
+    centres = torch.linspace(0, 1, bins, dtype=x.dtype, device=x.device)
+    width = 1.0 / (bins - 1)
+    wx = torch.exp(-0.5 * ((x[:, None] - centres) / width) ** 2)
+    wy = torch.exp(-0.5 * ((y[:, None] - centres) / width) ** 2)
+    wx = wx / wx.sum(1, keepdim=True)
+    wy = wy / wy.sum(1, keepdim=True)
+    joint = (wx.T @ wy) / max(x.numel(), 1)
+    px, py = joint.sum(1), joint.sum(0)
+    h = lambda p: -(p * torch.log(p + 1e-12)).sum()  # noqa: E731
+    return -(h(px) + h(py)) / h(joint).clamp_min(1e-12)
+
+
+_SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {"lncc": lncc, "mse": mse, "mind": mind_loss,
+                                                          "mi": mutual_information}
 
 
 def get_similarity(name: str, **kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -242,5 +242,5 @@ def test_get_similarity_binds_kwargs_and_rejects_unknown():
     a, b = smooth_noise((30, 30), seed=8), smooth_noise((30, 30), seed=9)
     assert losses.get_similarity("lncc", window=3)(a, b) == losses.lncc(a, b, window=3)
     assert losses.get_similarity("mse") is losses.mse
-    with pytest.raises(ValueError, match=r"'ncc'.*\['lncc', 'mind', 'mse'\]"):
+    with pytest.raises(ValueError, match=r"'ncc'.*\['lncc', 'mi', 'mind', 'mse'\]"):
         losses.get_similarity("ncc")

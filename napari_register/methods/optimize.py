@@ -33,6 +33,18 @@ def _level_window(window: int, finest: float, factor: float) -> int:
     return max(3, 2 * int(round((window * finest / factor - 1) / 2)) + 1)
 
 
+# Defaults by task family, (dim, multimodal: similarity "mind") -> settings, chosen on the broad
+# benchmark's dev split (docs/methods/initial.md#choosing-the-defaults); options override them.
+# 3D multimodal has no affine stage: every affine fit tried moved MR -> ultrasound glands off their
+# centre alignment.
+FAMILY_DEFAULTS: dict[tuple[int, bool], dict[str, Any]] = {
+    (3, False): {"smooth": 1.0, "affine_iterations": 200},
+    (3, True): {"smooth": 2.0, "affine_iterations": 0},
+    (2, False): {"smooth": 2.0, "affine_iterations": 200},
+    (2, True): {"smooth": 2.0, "affine_iterations": 200},
+}
+
+
 @register_method("optimize")
 class Optimize(Method):
     """Instance optimisation from identity (or from a previous result)."""
@@ -43,10 +55,11 @@ class Optimize(Method):
 
     def __init__(self, dim: int, device: torch.device, checkpoint: Any = None, *,
                  similarity: str = "lncc", levels: Sequence[int] = (4, 2), iterations: Sequence[int] = (30, 8),
-                 lr: float = 0.5, smooth: float = 0.1, max_size: int | None = None, grid: int = 1,
-                 window: int = 5, eps: float = 1e-5, affine_iterations: int = 200, affine_size: int = 48,
+                 lr: float = 0.5, smooth: Optional[float] = None, max_size: int | None = None, grid: int = 1,
+                 window: int = 5, eps: float = 1e-5, affine_iterations: Optional[int] = None, affine_size: int = 48,
                  affine_window: int = 9, affine_rotations: Optional[float] = None, affine_flips: bool = False,
-                 affine_similarity: str = "lncc", sigma: float = 1.0, exp_max_gradient: float = 2.0, **options: Any) -> None:
+                 affine_similarity: str = "lncc", affine_starts: int = 2, sigma: float = 1.0,
+                 exp_max_gradient: float = 2.0, **options: Any) -> None:
         super().__init__(dim, device, None, **options)
         if checkpoint not in (None, "", "none"):
             raise InputError("method 'optimize' uses no checkpoint; leave --checkpoint out")
@@ -68,13 +81,17 @@ class Optimize(Method):
         self.level_similarity = {f: get_similarity(similarity, **lncc_args(_level_window(window, finest, f)))
                                  for f in self.levels}
         self.lr = lr
-        self.smooth = smooth
+        family = FAMILY_DEFAULTS[(dim, similarity == "mind")]
+        self.smooth = float(family["smooth"] if smooth is None else smooth)
         # The initial alignment (napari_register.initial), as ANTs' SyN starts from an affine;
         # ``affine_iterations`` is the most steps of one affine fit, 0 skips the stage.
+        if affine_iterations is None:
+            affine_iterations = family["affine_iterations"]
         self.affine_iterations = int(affine_iterations)
         self.affine_size = int(affine_size)
         self.initial = InitialSettings(iterations=self.affine_iterations, size=self.affine_size,
-                                       rotations=affine_rotations, flips=bool(affine_flips))
+                                       rotations=affine_rotations, flips=bool(affine_flips),
+                                       starts=int(affine_starts))
         # v = G_sigma * w: the Gaussian spreads each update over its neighbours (as demons smooth
         # their updates), so motion found where the images have structure reaches flat regions.
         self.sigma = float(sigma)
