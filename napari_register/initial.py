@@ -10,7 +10,8 @@ between subjects and never recovers a rotated section. This stage instead
    the identity and the best others (coarse grid), each until the loss stops improving (a
    convergence test, ``iterations`` at most);
 3. refines the best as an affine at the finer grid and returns it only when it scores better than
-   the identity there: the stage never leaves a pair worse (by its own measure) than where it began.
+   the identity there, by its own measure and by MIND-SSC (which it did not fit): the stage never
+   leaves a pair worse, by either, than where it began.
 
 Everything happens in the ``norm`` frame of the working grid (moving_norm_from_fixed_norm matrices);
 rotations assume square working voxels (2D photos and sections). Method doc: docs/methods/initial.md.
@@ -25,7 +26,7 @@ import torch
 
 from .coords import gaussian_blur, matrix_map, resize_image, sample
 from .instance_opt import AFFINE_SECONDS, AFFINE_STEP_SECONDS, Adam, affine_shape
-from .losses import structure
+from .losses import mind_loss, structure
 from .progress import Progress, Stage
 
 Similarity = Callable[..., torch.Tensor]
@@ -205,4 +206,7 @@ def iter_initial(moving: torch.Tensor, fixed: torch.Tensor, similarity: Similari
     refined, loss = yield from iter_fit(mov_f, fix_f, best, similarity, settings, stage, counter, total)
     identity_loss = _score(mov_f, fix_f, eye, similarity)
     yield Progress(stage, total, total, min(loss, identity_loss), None)
-    return refined if loss < identity_loss else eye
+    # kept only where it beats the identity by its own measure and by MIND-SSC, which it did not fit:
+    # an LNCC fit can match the surrounding tissue better and the organ worse
+    better = loss < identity_loss and _score(mov_f, fix_f, refined, mind_loss) <= _score(mov_f, fix_f, eye, mind_loss)
+    return refined if better else eye
