@@ -11,7 +11,7 @@ from napari_register.instance_opt import iter_optimise
 from napari_register.methods.blocks import ConvEncoder, CoordAttention, Down, Symmetrised, TwoStep
 from napari_register.methods.carl import (BRAIN_SETTINGS, CARL, IO_EPS, IO_LAM, IO_TOKENS, LNCC_WINDOW, PASSES,
                                            CARLNet, build, io_shape_for, working_shape_for)
-from napari_register.losses import symmetric_loss
+from napari_register.objectives import symmetric_loss
 
 torch.set_num_threads(1)
 

@@ -188,7 +188,7 @@ class CARL(NetworkMethod):
         return (Symmetrised(net) if self.symmetric else net)(moving, fixed)
 
     def io_objective(self, net: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> IOObjective:
-        from ..losses import symmetric_loss
+        from ..objectives import symmetric_loss
 
         train = self.train_card
         reg = self.io_reg or train.get("reg", "gradicon")  # default: the training's main loss

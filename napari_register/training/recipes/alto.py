@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from ...losses import barlow_twins, corner_loss
+from ...objectives import barlow_twins, corner_loss
 from ...coords import norm_from_px
 from ...methods.alto import RHO, TRAIN_SIZE, build, warp
 from ..recipe import Batch, Optimiser, Phase, Recipe, RunSettings, resolve_options, unwrap

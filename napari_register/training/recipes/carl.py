@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...losses import symmetric_loss
+from ...objectives import symmetric_loss
 from ...methods.carl import LAM_DIFFUSION, LAM_GRADICON, LNCC_WINDOW, TRAIN_EPS, TRAIN_SHAPE, build
 from ..recipe import Batch, Optimiser, Phase, Recipe, RunSettings, resolve_options
 
