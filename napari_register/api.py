@@ -315,8 +315,8 @@ def check_result(out: MethodOutput, moving: torch.Tensor, fixed: torch.Tensor) -
     """Keep the start (the identity on the working grid: the centre alignment or the given
     pre-alignment) when the method's result matches the images worse than it, by MIND-SSC (a measure
     no method optimises alone and that holds across modalities) where the fixed image has structure:
-    in a flat background MIND's variance floor turns rounding into large descriptor differences. Returns the output kept and
-    ``{"measure", "start", "result", "kept"}`` (lower is better)."""
+    in a flat background MIND's variance floor turns rounding into large descriptor differences.
+    Returns the output kept and ``{"measure", "start", "result", "kept"}`` (lower is better)."""
     from .instance_opt import affine_shape
     from .losses import mind_loss, structure
 

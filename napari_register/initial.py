@@ -53,8 +53,8 @@ class InitialSettings:
 
     def fits(self, dim: int) -> int:
         """Affine fits of a run (the plan's count): the starts on the coarse grid, then one refinement."""
-        others = 1 + (int(round(360 / self.rotation_step(dim))) - 1 if self.rotation_step(dim) else 0)
-        others = others * (2 if self.flips and dim == 2 else 1)  # the moments translation, rotations, flips
+        step = self.rotation_step(dim)
+        others = (int(round(360 / step)) if step else 1) * (2 if self.flips and dim == 2 else 1)
         return 1 + min(self.starts, others) + 1
 
 

@@ -4,13 +4,12 @@ network methods fine-tune a *copy* of their network (the shipped model is never 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable, Generator, Iterable
 
 import torch
 
 from .coords import matrix_map, resize_image, sample
-from .progress import Progress, Stage
+from .progress import Progress
 
 LossFn = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 """Returns ``(loss, map)``: the scalar to minimise and the current fixed->moving map (for previews)."""
@@ -126,16 +125,10 @@ def affine_shape(shape: tuple[int, ...], size: int = 48) -> tuple[int, ...]:
 AFFINE_SECONDS, AFFINE_STEP_SECONDS = 2e-7, 1e-3
 
 
-def affine_stage(shape: tuple[int, ...], iterations: int, size: int = 48, label: str = "affine") -> Stage:
-    """The planned :class:`Stage` of an :func:`iter_affine` run."""
-    voxels = math.prod(affine_shape(shape, size))
-    return Stage(label, iterations, (AFFINE_SECONDS * voxels + AFFINE_STEP_SECONDS) * iterations)
-
-
 def iter_affine(moving: torch.Tensor, fixed: torch.Tensor, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 iterations: int = 50, size: int = 48, stage: str = "affine") -> Generator[Progress, None, torch.Tensor]:
-    """Affine pre-alignment of ``moving`` onto ``fixed`` (``(1, 1, *S)``), shared by every method that
-    offers one; returns the ``(d+1, d+1)`` moving_norm_from_fixed_norm matrix, about the grid centre.
+    """A plain affine fit of ``moving`` onto ``fixed`` (``(1, 1, *S)``): a fixed number of Adam steps
+    from the identity (the methods start from :func:`napari_register.initial.iter_initial` instead); returns the ``(d+1, d+1)`` moving_norm_from_fixed_norm matrix, about the grid centre.
 
     It sees only the coarse shape of the images: a grid whose longest side is about ``size``."""
     shape = tuple(fixed.shape[2:])

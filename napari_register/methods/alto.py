@@ -289,8 +289,6 @@ class AltO(NetworkMethod):
                  init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
         # NetworkMethod.iter_run returns a map only; a homography method returns its matrix too, so
         # the pipeline exports an exact MatrixTransform.
-        from ..initial import iter_initial
-        from .base import AFFINE_EPS
         from ..instance_opt import iter_corner_fit
         from ..losses import get_similarity
 
@@ -300,8 +298,7 @@ class AltO(NetworkMethod):
         if init is not None and isinstance(init.state, dict):  # continue a previous run on this pair
             start, affine = init.state["matrix"], init.state["affine"]
         elif self.affine_iterations:
-            sim = get_similarity("lncc", window=self.affine_window, eps=AFFINE_EPS)
-            affine = yield from iter_initial(moving, fixed, sim, self.initial, "alto affine")
+            affine = yield from self.iter_prealign(moving, fixed)
         if affine is not None:  # the network registers the pre-aligned image: M = affine @ network
             moving = coords.sample(moving, coords.matrix_map(affine, shape))
         full = (lambda m: affine.to(m.dtype) @ m) if affine is not None else (lambda m: m)

@@ -108,18 +108,22 @@ class NetworkMethod(Method):
         raise NotImplementedError(f"method {self.name!r} has no instance optimisation")
 
     # ------------------------------------------------------------------ the shared run
-    def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
-                 init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
+    def iter_prealign(self, moving: torch.Tensor, fixed: torch.Tensor) -> Generator[Progress, None, torch.Tensor]:
+        """The initial alignment (:mod:`napari_register.initial`) every network starts from."""
         from ..losses import get_similarity
 
+        sim = get_similarity("lncc", window=self.affine_window, eps=AFFINE_EPS)
+        return (yield from iter_initial(moving, fixed, sim, self.initial, f"{self.name} affine"))
+
+    def iter_run(self, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int,
+                 init: MethodOutput | None = None) -> Generator[Progress, None, MethodOutput]:
         shape = tuple(fixed.shape[2:])
         if init is not None and isinstance(init.state, dict):  # continue a previous run on this pair
             net, affine = init.state["net"], init.state["affine"]
         else:
             net, affine = self.net, None
             if self.affine_iterations:
-                sim = get_similarity("lncc", window=self.affine_window, eps=AFFINE_EPS)
-                affine = yield from iter_initial(moving, fixed, sim, self.initial, f"{self.name} affine")
+                affine = yield from self.iter_prealign(moving, fixed)
         # The network registers the affinely pre-aligned moving image; the map is affine o network.
         if affine is not None:
             moving = coords.sample(moving, coords.matrix_map(affine, shape))
